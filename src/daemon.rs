@@ -1,0 +1,300 @@
+//! The daemon: converge, then keep watching; repair drift with backoff; publish readiness to
+//! the HTTP endpoint, systemd (READY/STATUS/WATCHDOG/STOPPING) and the journal.
+
+use anyhow::{Context as _, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{watch, Notify};
+
+use crate::checks::{CheckSet, Observation};
+use crate::http::{self, AppState, Snapshot};
+use crate::journal;
+use crate::steps::{self, Context, Inspection, Step};
+use crate::watch::{FileWatcher, UserWatch, WatchedDir};
+
+/// The loop wakes at least this often to prove it is alive (healthz, watchdog).
+const TICK: Duration = Duration::from_secs(5);
+/// Events often come in bursts (a rename is a delete and a create): wait this long for more.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// Exponential backoff for a step that keeps failing, reset when it converges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    failures: u32,
+    next_attempt: Option<Instant>,
+}
+
+impl Backoff {
+    pub const fn new() -> Self {
+        Backoff { failures: 0, next_attempt: None }
+    }
+
+    pub fn may_attempt(&self, now: Instant) -> bool {
+        self.next_attempt.is_none_or(|t| now >= t)
+    }
+
+    /// Records a failed attempt; returns the delay until the next one.
+    pub fn failed(&mut self, now: Instant, min: Duration, max: Duration) -> Duration {
+        let delay = min.saturating_mul(1u32 << self.failures.min(20)).min(max);
+        self.failures += 1;
+        self.next_attempt = Some(now + delay);
+        delay
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Backoff::new();
+    }
+
+    pub fn next_attempt(&self) -> Option<Instant> {
+        self.next_attempt
+    }
+}
+
+/// One pass's outcome for the caller (the daemon or `apply`).
+pub struct PassResult {
+    pub inspections: Vec<(Step, Inspection)>,
+    pub changes: Vec<(Step, String)>,
+    pub errors: Vec<(Step, anyhow::Error)>,
+}
+
+/// Inspects every step, converges those that drifted (dependencies first, independent steps
+/// concurrently), and inspects the repaired ones again.
+pub async fn converge_pass(cx: &Context, steps: &[Step], backoff: &mut HashMap<Step, Backoff>) -> PassResult {
+    let now = Instant::now();
+    let mut inspections: HashMap<Step, Inspection> = steps::inspect_all(cx, steps).await.into_iter().collect();
+    let mut changes = Vec::new();
+    let mut errors = Vec::new();
+    let mut repaired = Vec::new();
+    // Two rounds: steps with no unmet dependency, then those whose dependency is now met.
+    for round in 0..2 {
+        let due: Vec<Step> = steps
+            .iter()
+            .copied()
+            .filter(|s| !inspections[s].converged() && !repaired.contains(s) && !errors.iter().any(|(e, _)| e == s))
+            .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
+            .filter(|s| s.depends_on().is_none_or(|d| inspections.get(&d).is_none_or(|i| i.converged())))
+            .filter(|s| round == 1 || s.depends_on().is_none())
+            .collect();
+        let outcomes = futures_util::future::join_all(due.iter().map(|s| s.converge(cx))).await;
+        for (step, outcome) in due.iter().copied().zip(outcomes) {
+            match outcome {
+                Ok(done) => {
+                    backoff.entry(step).or_insert(Backoff::new()).succeeded();
+                    changes.extend(done.into_iter().map(|c| (step, c)));
+                }
+                Err(e) => {
+                    let delay = backoff.entry(step).or_insert(Backoff::new()).failed(
+                        now,
+                        cx.settings.repair_backoff_min,
+                        cx.settings.repair_backoff_max,
+                    );
+                    tracing::warn!(
+                        message_id = journal::REPAIR_FAILED,
+                        step = step.name(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "error: repairing {} -> {}; retrying in {}",
+                        step.name(),
+                        journal::chain(&e),
+                        humantime::format_duration(delay)
+                    );
+                    errors.push((step, e));
+                }
+            }
+            repaired.push(step);
+        }
+        let again = steps::inspect_all(cx, &due).await;
+        inspections.extend(again);
+    }
+    for (step, inspection) in &inspections {
+        if inspection.converged() {
+            backoff.entry(*step).or_insert(Backoff::new()).succeeded();
+        }
+    }
+    let inspections = steps.iter().map(|s| (*s, inspections.remove(s).unwrap_or_default())).collect();
+    PassResult { inspections, changes, errors }
+}
+
+/// Observations of a pass, with the repair error added where a repair failed.
+pub fn observations(result: &PassResult) -> Vec<Observation> {
+    let mut out = Vec::new();
+    for (step, inspection) in &result.inspections {
+        let error = result.errors.iter().find(|(s, _)| s == step).map(|(_, e)| format!("{e:#}"));
+        for obs in &inspection.observations {
+            let mut obs = obs.clone();
+            if let (false, Some(error)) = (obs.ok, &error) {
+                if !obs.detail.contains(error.as_str()) {
+                    obs.detail = format!("{} (repair failed: {error})", obs.detail);
+                }
+            }
+            out.push(obs);
+        }
+    }
+    out
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// The directories whose changes can mean drift.
+fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
+    let names = |n: &[&str]| n.iter().map(Into::into).collect();
+    vec![
+        WatchedDir { dir: cx.root.join("/etc"), names: names(&["subuid", "subgid"]) },
+        WatchedDir { dir: cx.root.join("/etc/sysctl.d"), names: vec![] },
+        WatchedDir { dir: "/var/lib/systemd/linger".into(), names: names(&[cx.user.name.as_str()]) },
+        WatchedDir { dir: cx.user.runtime_dir().join("podman"), names: names(&["podman.sock"]) },
+        // The runtime dir itself appears and disappears with the user manager.
+        WatchedDir { dir: "/run/user".into(), names: names(&[cx.user.uid.to_string().as_str()]) },
+    ]
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn run(cx: Context) -> Result<()> {
+    let cx = Arc::new(cx);
+    let started = Instant::now();
+    let steps = Step::for_root(&cx.root);
+    let wake = Arc::new(Notify::new());
+    let (snapshot_tx, snapshot_rx) =
+        watch::channel(Snapshot { checks: CheckSet::pending(SystemTime::now()), heartbeat: Instant::now() });
+
+    let listener = tokio::net::TcpListener::bind(cx.settings.listen)
+        .await
+        .with_context(|| format!("listening on {} (http.listen)", cx.settings.listen))?;
+    let state = Arc::new(AppState {
+        snapshot: snapshot_rx,
+        started,
+        user: cx.user.name.clone(),
+        uid: cx.user.uid,
+        socket: steps::podman_socket::socket_path(&cx).display().to_string(),
+    });
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::app(state))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+
+    let files = FileWatcher::new().context("setting up inotify")?;
+    files.arm(&watched_dirs(&cx));
+    tokio::spawn(files.clone().run(wake.clone()));
+    if cx.root.is_host() {
+        tokio::spawn(crate::watch::watch_system_bus(cx.system_bus.clone(), cx.user.clone(), wake.clone()));
+    }
+    let mut user_watch = UserWatch::new();
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let tick = sd_notify::watchdog_enabled().map_or(TICK, |w| (w / 2).min(TICK));
+
+    let mut checks = CheckSet::pending(SystemTime::now());
+    let mut backoff: HashMap<Step, Backoff> = HashMap::new();
+    let mut status_line = String::new();
+    let mut first_pass = true;
+    let mut next_resync = Instant::now();
+    loop {
+        let now = Instant::now();
+        let retry_at = backoff.values().filter_map(Backoff::next_attempt).filter(|t| *t > now).min();
+        let failing = !checks.ready();
+        let pass_due = if failing { retry_at.map_or(next_resync, |r| r.min(next_resync)) } else { next_resync };
+        let woken = tokio::select! {
+            _ = wake.notified() => {
+                tokio::time::sleep(COALESCE).await;
+                true
+            }
+            _ = tokio::time::sleep_until(pass_due.min(now + tick).into()) => false,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        };
+        if woken || first_pass || Instant::now() >= pass_due {
+            let pass = converge_pass(&cx, &steps, &mut backoff).await;
+            for (step, change) in &pass.changes {
+                tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
+            }
+            let was_ready = checks.ready();
+            for t in checks.record(observations(&pass), SystemTime::now()) {
+                let verdict = if t.ok { "passes" } else { "fails" };
+                tracing::info!(message_id = journal::CHECK_CHANGED, check = t.name, ok = t.ok, "check {} {verdict}: {}", t.name, t.detail);
+            }
+            let line = checks.status_line();
+            match (was_ready, checks.ready()) {
+                (false, true) => tracing::info!(message_id = journal::NODE_READY, "{line}"),
+                (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
+                _ => {}
+            }
+            if line != status_line {
+                notify(&[sd_notify::NotifyState::Status(&line)]);
+                status_line = line;
+            }
+            if first_pass {
+                tracing::info!(
+                    message_id = journal::AGENT_LIFECYCLE,
+                    first_pass_ms = started.elapsed().as_millis() as u64,
+                    "first pass done after {:?}: {status_line}",
+                    started.elapsed()
+                );
+                notify(&[sd_notify::NotifyState::Ready]);
+                first_pass = false;
+            }
+            next_resync = Instant::now() + cx.settings.resync_interval;
+            files.arm(&watched_dirs(&cx));
+            if cx.root.is_host() {
+                let manager_up = checks.checks().iter().any(|c| c.name == "linger" && c.ok);
+                if manager_up {
+                    user_watch.ensure_running(&cx.user, &cx.settings.podman_socket_unit, &wake);
+                }
+            }
+        }
+        snapshot_tx.send_replace(Snapshot { checks: checks.clone(), heartbeat: Instant::now() });
+        notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+
+    tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    user_watch.stop();
+    let _ = stop_http.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_limit_and_resets() {
+        let t0 = Instant::now();
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(5));
+        let mut b = Backoff::new();
+        assert!(b.may_attempt(t0));
+        let delays: Vec<_> = (0..5).map(|_| b.failed(t0, min, max).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 5, 5]);
+        assert!(!b.may_attempt(t0 + Duration::from_secs(4)));
+        assert!(b.may_attempt(t0 + Duration::from_secs(5)));
+        b.succeeded();
+        assert_eq!(b, Backoff::new());
+    }
+
+    #[test]
+    fn a_failed_repair_is_added_to_the_failing_check() {
+        let pass = PassResult {
+            inspections: vec![(
+                Step::PodmanSocket,
+                Inspection {
+                    observations: vec![Observation::pass("podman-socket", "ok"), Observation::fail("podman-api", "refused")],
+                    plan: vec![],
+                },
+            )],
+            changes: vec![],
+            errors: vec![(Step::PodmanSocket, anyhow::anyhow!("podman.socket is masked"))],
+        };
+        let obs = observations(&pass);
+        assert_eq!(obs[0].detail, "ok");
+        assert_eq!(obs[1].detail, "refused (repair failed: podman.socket is masked)");
+    }
+}

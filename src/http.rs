@@ -1,0 +1,186 @@
+//! The health endpoint: `/healthz` (liveness), `/readyz` (readiness), `/status` (everything).
+//! Probes answer from the latest results and never wait on Podman or D-Bus.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::checks::{Check, CheckSet};
+
+/// The main loop must have ticked within this long for `/healthz` to say it is alive.
+pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
+
+/// What the main loop publishes after every pass.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub checks: CheckSet,
+    pub heartbeat: Instant,
+}
+
+/// Shared with every request.
+pub struct AppState {
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub started: Instant,
+    pub user: String,
+    pub uid: u32,
+    pub socket: String,
+}
+
+#[derive(Serialize)]
+struct Readiness<'a> {
+    ready: bool,
+    status: String,
+    checks: &'a [Check],
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    version: &'static str,
+    uptime_seconds: u64,
+    ready: bool,
+    status: String,
+    user: &'a str,
+    uid: u32,
+    socket: &'a str,
+    docker_host: String,
+    checks: &'a [Check],
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let age = state.snapshot.borrow().heartbeat.elapsed();
+    if age < LIVENESS_LIMIT {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("main loop has not run for {}s\n", age.as_secs())).into_response()
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let snapshot = state.snapshot.borrow().clone();
+    let ready = snapshot.checks.ready();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = Readiness { ready, status: snapshot.checks.status_line(), checks: snapshot.checks.checks() };
+    (code, Json(body)).into_response()
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Response {
+    let snapshot = state.snapshot.borrow().clone();
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        ready: snapshot.checks.ready(),
+        status: snapshot.checks.status_line(),
+        user: &state.user,
+        uid: state.uid,
+        socket: &state.socket,
+        docker_host: format!("unix://{}", state.socket),
+        checks: snapshot.checks.checks(),
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::{Observation, CHECK_NAMES};
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use http_body_util::BodyExt;
+    use std::time::SystemTime;
+    use tower::ServiceExt;
+
+    fn state(checks: CheckSet, heartbeat: Instant) -> (watch::Sender<Snapshot>, Arc<AppState>) {
+        let (tx, rx) = watch::channel(Snapshot { checks, heartbeat });
+        let state = AppState {
+            snapshot: rx,
+            started: Instant::now(),
+            user: "core".into(),
+            uid: 1000,
+            socket: "/run/user/1000/podman/podman.sock".into(),
+        };
+        (tx, Arc::new(state))
+    }
+
+    async fn call(state: &Arc<AppState>, method: Method, uri: &str) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
+        let response = app(state.clone()).oneshot(request).await.unwrap();
+        let code = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (code, json)
+    }
+
+    fn all_passing() -> CheckSet {
+        let mut set = CheckSet::pending(SystemTime::UNIX_EPOCH);
+        set.record(CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect(), SystemTime::UNIX_EPOCH);
+        set
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_before_the_first_pass_and_lists_every_check() {
+        let (_tx, st) = state(CheckSet::pending(SystemTime::UNIX_EPOCH), Instant::now());
+        let (code, body) = call(&st, Method::GET, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["ready"], false);
+        assert_eq!(body["checks"].as_array().unwrap().len(), 6);
+        assert_eq!(body["checks"][0]["name"], "subuid");
+        assert_eq!(body["checks"][0]["detail"], "not checked yet");
+        assert_eq!(body["checks"][0]["since"], "1970-01-01T00:00:00Z");
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_latest_snapshot() {
+        let (tx, st) = state(all_passing(), Instant::now());
+        assert_eq!(call(&st, Method::GET, "/readyz").await.0, StatusCode::OK);
+        let mut checks = all_passing();
+        checks.record(vec![Observation::fail("podman-api", "connection refused")], SystemTime::now());
+        tx.send(Snapshot { checks, heartbeat: Instant::now() }).unwrap();
+        let (code, body) = call(&st, Method::GET, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "not ready: podman-api: connection refused");
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_when_the_loop_stalls() {
+        let (_tx, st) = state(all_passing(), Instant::now());
+        assert_eq!(call(&st, Method::GET, "/healthz").await.0, StatusCode::OK);
+        let stalled = Instant::now().checked_sub(LIVENESS_LIMIT + Duration::from_secs(1)).unwrap();
+        let (_tx, st) = state(all_passing(), stalled);
+        assert_eq!(call(&st, Method::GET, "/healthz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn status_names_user_socket_and_version() {
+        let (_tx, st) = state(all_passing(), Instant::now());
+        let (code, body) = call(&st, Method::GET, "/status").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["user"], "core");
+        assert_eq!(body["uid"], 1000);
+        assert_eq!(body["docker_host"], "unix:///run/user/1000/podman/podman.sock");
+        assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(body["status"], "ready: 6/6 checks pass");
+    }
+
+    #[tokio::test]
+    async fn other_methods_are_refused() {
+        let (_tx, st) = state(all_passing(), Instant::now());
+        for method in [Method::POST, Method::PUT, Method::DELETE] {
+            assert_eq!(call(&st, method, "/readyz").await.0, StatusCode::METHOD_NOT_ALLOWED);
+        }
+        assert_eq!(call(&st, Method::GET, "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+}

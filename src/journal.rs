@@ -1,0 +1,47 @@
+//! Logging: the journal (with structured fields and MESSAGE_IDs) under systemd, stderr otherwise.
+//!
+//! Operators find the agent's events with `journalctl MESSAGE_ID=<id>`; the IDs never change.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// The agent changed the node (a file, linger, a unit, a sysctl).
+pub const NODE_CHANGED: &str = "b053dd1b77b74757b0d57209f02dbc23";
+/// A repair attempt failed; another follows after the backoff.
+pub const REPAIR_FAILED: &str = "171da1b65d684b68b7d4ae5d2f729da7";
+/// The node became ready (every check passes).
+pub const NODE_READY: &str = "7ba5e54cd07e4f91bcbf130e10d4bc96";
+/// The node stopped being ready.
+pub const NODE_NOT_READY: &str = "4da83dcf98484804b701e669ba5eebb8";
+/// One check changed from passing to failing or back.
+pub const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
+/// The agent started (with its effective configuration) or is stopping.
+pub const AGENT_LIFECYCLE: &str = "d3954dc3203c47b8867f25f26914f130";
+
+/// True when stderr is connected to the journal (systemd sets JOURNAL_STREAM to its dev:inode).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else { return false };
+    stream == format!("{}:{}", stat.st_dev, stat.st_ino)
+}
+
+/// Sets up logging; `RUST_LOG` overrides the default level (info).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if stderr_is_journal() {
+        if let Ok(layer) = tracing_journald::layer() {
+            // Fields such as message_id become MESSAGE_ID, not F_MESSAGE_ID.
+            let layer = layer.with_field_prefix(None).with_syslog_identifier("executor-agent".into());
+            tracing_subscriber::registry().with(filter).with(layer).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// `error: outer -> cause -> root cause`, the one-line chain zincati logs.
+pub fn chain(error: &anyhow::Error) -> String {
+    error.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(" -> ")
+}

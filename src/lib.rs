@@ -1,0 +1,19 @@
+//! executor-agent: the root service that turns a Fedora CoreOS node into one ready for
+//! rootless Podman CI jobs, keeps it that way, and says so.
+
+pub mod checks;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod fsutil;
+pub mod http;
+pub mod journal;
+pub mod paths;
+pub mod podman_api;
+pub mod runner_user;
+pub mod steps;
+pub mod subid;
+pub mod systemd;
+pub mod user_manager;
+pub mod watch;

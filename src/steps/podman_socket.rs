@@ -1,0 +1,96 @@
+//! podman.socket: enabled and listening in the runner user's manager, and the
+//! Docker-compatible API behind it answering.
+
+use anyhow::{bail, Result};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+use super::{Context, Inspection};
+use crate::checks::Observation;
+use crate::podman_api::{self, EngineVersion};
+use crate::systemd::UnitState;
+use crate::user_manager;
+
+const SOCKET_CHECK: &str = "podman-socket";
+const API_CHECK: &str = "podman-api";
+
+/// `/run/user/UID/podman/podman.sock`.
+pub fn socket_path(cx: &Context) -> PathBuf {
+    cx.user.runtime_dir().join("podman/podman.sock")
+}
+
+fn socket_file_present(cx: &Context) -> bool {
+    std::fs::symlink_metadata(socket_path(cx)).is_ok_and(|m| m.file_type().is_socket())
+}
+
+struct Seen {
+    unit: Result<UnitState>,
+    socket_file: bool,
+    api: Result<EngineVersion>,
+}
+
+async fn see(cx: &Context) -> Seen {
+    let unit = user_manager::status(&cx.user, &cx.settings.podman_socket_unit, cx.settings.user_manager_timeout).await;
+    let socket_file = socket_file_present(cx);
+    // Only a real request proves the API: the socket file can outlive a dead listener.
+    let api = if socket_file {
+        podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await
+    } else {
+        Err(anyhow::anyhow!("{} does not exist", socket_path(cx).display()))
+    };
+    Seen { unit, socket_file, api }
+}
+
+pub async fn inspect(cx: &Context) -> Inspection {
+    let seen = see(cx).await;
+    let unit_name = &cx.settings.podman_socket_unit;
+    let user = &cx.user.name;
+    let mut plan = Vec::new();
+    let socket = match &seen.unit {
+        Err(e) => {
+            plan.push(format!("enable and start {unit_name} for {user} once the user manager runs"));
+            Observation::fail(SOCKET_CHECK, format!("{user}'s manager: {e:#}"))
+        }
+        Ok(state) => {
+            if !state.is_enabled() {
+                plan.push(format!("enable {unit_name} for {user}"));
+            }
+            if !state.is_active() {
+                plan.push(format!("start {unit_name} for {user}"));
+            } else if !seen.socket_file {
+                plan.push(format!("restart {unit_name} for {user} to recreate {}", socket_path(cx).display()));
+            }
+            let ok = state.is_enabled() && state.is_active() && seen.socket_file;
+            let detail = if state.is_active() && !seen.socket_file {
+                format!("{}, but {} is missing", state.summary(), socket_path(cx).display())
+            } else {
+                state.summary()
+            };
+            Observation { name: SOCKET_CHECK, ok, detail }
+        }
+    };
+    let api = match &seen.api {
+        Ok(v) => Observation::pass(API_CHECK, format!("/_ping OK, Podman {} (API {})", v.version, v.api_version)),
+        Err(e) => {
+            if seen.unit.as_ref().is_ok_and(|s| s.is_active()) && seen.socket_file {
+                plan.push(format!("restart {unit_name} and its service for {user}"));
+            }
+            Observation::fail(API_CHECK, format!("{e:#}"))
+        }
+    };
+    Inspection { observations: vec![socket, api], plan }
+}
+
+pub async fn converge(cx: &Context) -> Result<Vec<String>> {
+    let seen = see(cx).await;
+    let unit_was_active = seen.unit.as_ref().is_ok_and(|s| s.is_active());
+    let restart = unit_was_active && (!seen.socket_file || seen.api.is_err());
+    let timeout = cx.settings.user_manager_timeout;
+    let report = user_manager::ensure(&cx.user, &cx.settings.podman_socket_unit, restart, timeout).await?;
+    let changes: Vec<String> = report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
+    // Prove the API before calling the step done.
+    if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await {
+        bail!("{} is active but the API does not answer: {e:#}", cx.settings.podman_socket_unit);
+    }
+    Ok(changes)
+}

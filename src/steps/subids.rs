@@ -1,0 +1,82 @@
+//! Subordinate IDs: the runner user owns enough IDs in /etc/subuid and /etc/subgid for
+//! rootless Podman's user namespace.
+
+use anyhow::{Context as _, Result};
+use std::process::Stdio;
+
+use super::{Context, Inspection};
+use crate::checks::Observation;
+use crate::subid::{self, EnsureOutcome, IdKind, IdRange};
+
+fn check_name(kind: IdKind) -> &'static str {
+    match kind {
+        IdKind::Uid => "subuid",
+        IdKind::Gid => "subgid",
+    }
+}
+
+fn ranges(owned: &[IdRange]) -> String {
+    owned.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+pub async fn inspect(cx: &Context) -> Inspection {
+    let user = cx.user.as_subid_owner();
+    let mut inspection = Inspection::default();
+    for kind in [IdKind::Uid, IdKind::Gid] {
+        let name = check_name(kind);
+        let observation = match subid::inspect(&cx.root, kind, &user, cx.settings.subid_count) {
+            Err(e) => Observation::fail(name, e.to_string()),
+            Ok(view) => match view.would_add {
+                None => Observation::pass(name, format!("{} owns {}", user.name, ranges(&view.owned))),
+                Some(range) => {
+                    inspection.plan.push(format!("add {}:{}:{} to {}", user.name, range.start, range.count, kind.file_name()));
+                    let has = if view.owned.is_empty() { "no range".to_string() } else { ranges(&view.owned) };
+                    Observation::fail(name, format!("{} owns {has}; needs {}", user.name, cx.settings.subid_count))
+                }
+            },
+        };
+        inspection.observations.push(observation);
+    }
+    inspection
+}
+
+pub async fn converge(cx: &Context) -> Result<Vec<String>> {
+    let user = cx.user.as_subid_owner();
+    let mut changes = Vec::new();
+    for kind in [IdKind::Uid, IdKind::Gid] {
+        let (root, count, timeout) = (cx.root.clone(), cx.settings.subid_count, cx.settings.subid_lock_timeout);
+        let owner = user.clone();
+        // Locking may wait on another writer: keep the runtime's threads free.
+        let outcome = tokio::task::spawn_blocking(move || subid::ensure(&root, kind, &owner, count, timeout)).await??;
+        if let EnsureOutcome::Added { range } = outcome {
+            changes.push(format!("added {}:{}:{} to {}", user.name, range.start, range.count, kind.file_name()));
+        }
+    }
+    if !changes.is_empty() && cx.root.is_host() && has_used_podman(cx) {
+        migrate(cx).await?;
+        changes.push(format!("ran podman system migrate as {}", user.name));
+    }
+    Ok(changes)
+}
+
+/// Podman keeps its user namespace (and so the old ranges) in the pause process and storage.
+fn has_used_podman(cx: &Context) -> bool {
+    cx.user.home.join(".local/share/containers/storage").exists()
+}
+
+async fn migrate(cx: &Context) -> Result<()> {
+    let mut cmd = cx.user.command("podman")?;
+    cmd.args(["system", "migrate"]).stdin(Stdio::null());
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+        .await
+        .context("podman system migrate took longer than 120s")?
+        .context("running podman system migrate")?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "podman system migrate as {} failed: {}",
+            cx.user.name,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}

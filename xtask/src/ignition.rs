@@ -1,0 +1,387 @@
+//! The Ignition config: render `ignition/executor-agent.bu` to `.ign` (production and local
+//! variants), keep the `.bu` in step with the unit file and `release.toml`, validate, and `dist`.
+
+use crate::butane::{self, Config, Resource};
+use crate::host;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha512};
+use std::path::{Path, PathBuf};
+
+/// Where the agent binary goes on the node.
+pub const AGENT_PATH: &str = "/usr/local/bin/executor-agent";
+/// The unit's name.
+pub const UNIT_NAME: &str = "executor-agent.service";
+
+/// The Butane source.
+pub fn butane_path() -> PathBuf {
+    host::repo_root().join("ignition/executor-agent.bu")
+}
+
+/// The committed rendering of the production variant.
+pub fn ign_path() -> PathBuf {
+    host::repo_root().join("ignition/executor-agent.ign")
+}
+
+/// Butane's `--files-dir` for the production variant (holds `config.toml`).
+pub fn files_dir() -> PathBuf {
+    host::repo_root().join("ignition")
+}
+
+fn release_path() -> PathBuf {
+    host::repo_root().join("ignition/release.toml")
+}
+
+fn unit_path() -> PathBuf {
+    host::repo_root().join("systemd/executor-agent.service")
+}
+
+/// `ignition/release.toml`: the released binary that the production variant downloads.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub version: String,
+    pub target: String,
+    pub url_base: String,
+    pub file: String,
+    pub url: String,
+    pub sha512: String,
+    pub size: u64,
+}
+
+impl Release {
+    pub fn load() -> Result<Release> {
+        let text = host::read_string(release_path())?;
+        toml::from_str(&text).with_context(|| format!("{} is not a valid release file", release_path().display()))
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "# The released executor-agent binary that ignition/executor-agent.bu installs on production nodes.\n\
+             # Written by `cargo xtask dist` from the binary it built: publish exactly target/dist/{file}\n\
+             # at `url`, or the node's Ignition refuses it (verification.hash is the sha512 below).\n\
+             version = \"{version}\"\n\
+             target = \"{target}\"\n\
+             url_base = \"{url_base}\"\n\
+             file = \"{file}\"\n\
+             url = \"{url}\"\n\
+             sha512 = \"{sha512}\"\n\
+             size = {size}\n",
+            version = self.version,
+            target = self.target,
+            url_base = self.url_base,
+            file = self.file,
+            url = self.url,
+            sha512 = self.sha512,
+            size = self.size,
+        )
+    }
+}
+
+/// Parses the Butane source and checks that it matches the unit file and release.toml.
+pub fn load_source() -> Result<Config> {
+    let text = host::read_string(butane_path())?;
+    let config = Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", butane_path().display()))?;
+    check_in_step(&config)?;
+    Ok(config)
+}
+
+/// The `.bu` must carry the unit file verbatim and release.toml's URL and hash.
+fn check_in_step(config: &Config) -> Result<()> {
+    let unit_file = host::read_string(unit_path())?;
+    let unit = config
+        .units
+        .iter()
+        .find(|u| u.name == UNIT_NAME)
+        .with_context(|| format!("{} has no unit {UNIT_NAME}", butane_path().display()))?;
+    if unit.contents.as_deref() != Some(unit_file.as_str()) {
+        bail!(
+            "the {UNIT_NAME} contents in {} differ from {}: run `cargo xtask ignition` to copy the unit in",
+            butane_path().display(),
+            unit_path().display()
+        );
+    }
+    let release = Release::load()?;
+    let file = config
+        .files
+        .iter()
+        .find(|f| f.node.path == AGENT_PATH)
+        .with_context(|| format!("{} does not install {AGENT_PATH}", butane_path().display()))?;
+    let contents = file.contents.as_ref().context("the agent binary entry has no contents")?;
+    let want_hash = format!("sha512-{}", release.sha512);
+    if contents.source.as_deref() != Some(release.url.as_str()) || contents.hash.as_deref() != Some(want_hash.as_str()) {
+        bail!(
+            "{AGENT_PATH} in {} does not use the url and sha512 of {}: run `cargo xtask dist`",
+            butane_path().display(),
+            release_path().display()
+        );
+    }
+    if file.mode != Some(0o755) {
+        bail!("{AGENT_PATH} must have mode 0755 in {}", butane_path().display());
+    }
+    Ok(())
+}
+
+/// The production variant as Butane would print it (`butane --pretty --strict --files-dir ignition`).
+pub fn render_production() -> Result<String> {
+    let config = load_source()?;
+    let json = config.to_ignition(Some(&files_dir()))?;
+    Ok(json.to_pretty() + "\n")
+}
+
+/// Extra entries a test scenario adds to the local variant (as an operator's own Butane would).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    pub files: Vec<butane::File>,
+    pub links: Vec<butane::Link>,
+}
+
+/// The local variant: the production source with the agent binary embedded from `binary`
+/// (`contents.local`, gzip-compressed by Butane's rules) and its sha512, rendered into `work`.
+/// Returns the path of the rendered, validated `.ign`.
+pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathBuf> {
+    let mut config = load_source()?;
+    let data = host::read(binary)?;
+    let files = work.join("files");
+    std::fs::create_dir_all(&files).with_context(|| format!("cannot create {}", files.display()))?;
+    host::write(files.join("executor-agent"), &data)?;
+    std::fs::copy(files_dir().join("config.toml"), files.join("config.toml")).context("cannot copy ignition/config.toml")?;
+    let entry = config.file_mut(AGENT_PATH).context("the source does not install the agent")?;
+    entry.contents = Some(Resource {
+        local: Some("executor-agent".into()),
+        hash: Some(format!("sha512-{}", sha512_hex(&data))),
+        ..Resource::default()
+    });
+    config.files.extend(extras.files.iter().cloned());
+    config.links.extend(extras.links.iter().cloned());
+    let json = config.to_ignition(Some(&files))?;
+    let out = work.join("local.ign");
+    host::write(&out, json.to_pretty() + "\n")?;
+    validate(&out)?;
+    Ok(out)
+}
+
+/// Runs Debian's `ignition-validate` on a rendered config.
+pub fn validate(path: &Path) -> Result<()> {
+    let out = host::capture(host::cmd(host::IGNITION_VALIDATE, [path]))
+        .context("ignition-validate is missing (Debian package `ignition`)")?;
+    if !out.status.success() || !out.stdout.is_empty() || !out.stderr.is_empty() {
+        bail!(
+            "ignition-validate rejected {} ({}):\n{}{}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Lower-case hex sha512.
+pub fn sha512_hex(data: &[u8]) -> String {
+    Sha512::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `cargo xtask ignition [--check]`.
+pub fn cmd_ignition(check: bool) -> Result<()> {
+    if check {
+        let fresh = render_production()?;
+        let committed = host::read_string(ign_path())?;
+        if fresh != committed {
+            bail!("{} is stale: run `cargo xtask ignition` and commit the result", ign_path().display());
+        }
+        eprintln!("ok: {} is what {} renders to", ign_path().display(), butane_path().display());
+    } else {
+        sync_unit_into_source()?;
+        host::write(ign_path(), render_production()?)?;
+        eprintln!("wrote {}", ign_path().display());
+    }
+    validate_if_possible(&ign_path())
+}
+
+/// Validates when `ignition-validate` is there; as root, installs it first.
+fn validate_if_possible(path: &Path) -> Result<()> {
+    if !Path::new(host::IGNITION_VALIDATE).exists() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("warning: ignition-validate is not installed and this is not root: skipped validation");
+            return Ok(());
+        }
+        host::ensure_packages(&["ignition"])?;
+    }
+    validate(path)?;
+    eprintln!("ok: ignition-validate accepts {}", path.display());
+    Ok(())
+}
+
+/// Replaces the literal block of the unit's `contents` in the `.bu` with the unit file.
+fn sync_unit_into_source() -> Result<()> {
+    let source = host::read_string(butane_path())?;
+    let unit = host::read_string(unit_path())?;
+    let updated = replace_unit_block(&source, UNIT_NAME, &unit)?;
+    if updated != source {
+        host::write(butane_path(), &updated)?;
+        eprintln!("copied {} into {}", unit_path().display(), butane_path().display());
+    }
+    Ok(())
+}
+
+/// Text surgery on the `.bu`: the `contents: |` block following `- name: <unit>`.
+fn replace_unit_block(source: &str, unit: &str, contents: &str) -> Result<String> {
+    let lines: Vec<&str> = source.split_inclusive('\n').collect();
+    let name_at = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {unit}"))
+        .with_context(|| format!("no `- name: {unit}` line in the Butane source"))?;
+    let item_indent = indent(lines[name_at]);
+    let mut contents_at = None;
+    for (i, line) in lines.iter().enumerate().skip(name_at + 1) {
+        if !line.trim().is_empty() && indent(line) <= item_indent {
+            break;
+        }
+        if line.trim_start().starts_with("contents: |") {
+            contents_at = Some(i);
+            break;
+        }
+    }
+    let contents_at = contents_at.with_context(|| format!("unit {unit} has no `contents: |` block"))?;
+    let key_indent = indent(lines[contents_at]);
+    let mut end = contents_at + 1;
+    while end < lines.len() && (lines[end].trim().is_empty() || indent(lines[end]) > key_indent) {
+        end += 1;
+    }
+    // Blank lines right before the next key belong to the layout, not the block.
+    while end > contents_at + 1 && lines[end - 1].trim().is_empty() {
+        end -= 1;
+    }
+    let chomp = if contents.ends_with("\n\n") {
+        bail!("the unit file ends with blank lines; remove them");
+    } else if contents.ends_with('\n') {
+        "|"
+    } else {
+        "|-"
+    };
+    let pad = " ".repeat(key_indent + 2);
+    let mut out: String = lines[..contents_at].concat();
+    out.push_str(&format!("{}contents: {chomp}\n", " ".repeat(key_indent)));
+    for line in contents.lines() {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str(&pad);
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(&lines[end..].concat());
+    Ok(out)
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start_matches(' ').len()
+}
+
+/// `cargo xtask dist [--url-base URL]`: builds the release binary into target/dist, records it
+/// in release.toml, points the `.bu` at it and re-renders the `.ign`.
+pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
+    let manifest = host::read_string(host::repo_root().join("Cargo.toml"))?;
+    let manifest: toml::Table = toml::from_str(&manifest).context("Cargo.toml is not valid TOML")?;
+    let version = manifest
+        .get("package")
+        .and_then(|p| p.get("version"))
+        .and_then(|v| v.as_str())
+        .context("Cargo.toml has no package.version")?
+        .to_string();
+    let old = Release::load()?;
+    let url_base = url_base.unwrap_or(old.url_base.clone());
+    let url_base = url_base.trim_end_matches('/').to_string();
+    if !url_base.starts_with("https://") {
+        bail!("the release URL base must be https:// (got {url_base})");
+    }
+    let binary = host::build_agent()?;
+    let data = host::read(&binary)?;
+    let target = "x86_64-unknown-linux-gnu".to_string();
+    if std::env::consts::ARCH != "x86_64" {
+        bail!("dist builds for the host; this host is {}, not x86_64", std::env::consts::ARCH);
+    }
+    let file = format!("executor-agent-{version}-{target}");
+    let dist = host::target_dir().join("dist");
+    host::write(dist.join(&file), &data)?;
+    let sha512 = sha512_hex(&data);
+    host::write(dist.join(format!("{file}.sha512")), format!("{sha512}  {file}\n"))?;
+    let new = Release {
+        url: format!("{url_base}/v{version}/{file}"),
+        version,
+        target,
+        url_base,
+        file,
+        sha512,
+        size: data.len() as u64,
+    };
+    let source = host::read_string(butane_path())?;
+    let updated = source
+        .replacen(&format!("source: {}", old.url), &format!("source: {}", new.url), 1)
+        .replacen(&format!("hash: sha512-{}", old.sha512), &format!("hash: sha512-{}", new.sha512), 1);
+    host::write(release_path(), new.render())?;
+    host::write(butane_path(), updated)?;
+    cmd_ignition(false)?;
+    eprintln!(
+        "dist: {} ({} bytes, sha512 {})\n      publish it at {}",
+        dist.join(&new.file).display(),
+        new.size,
+        new.sha512,
+        new.url
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed `.ign` is exactly what the `.bu` renders to (fails when it is stale).
+    #[test]
+    fn committed_ignition_matches_a_fresh_render() {
+        let fresh = render_production().expect("the Butane source renders");
+        let committed = std::fs::read_to_string(ign_path()).expect("ignition/executor-agent.ign is committed");
+        assert!(fresh == committed, "ignition/executor-agent.ign is stale: run `cargo xtask ignition`");
+    }
+
+    /// The production config installs what the issue asks for and nothing under /usr but /usr/local.
+    #[test]
+    fn production_config_installs_binary_unit_and_config() {
+        let json: serde_json::Value = serde_json::from_str(&render_production().unwrap()).unwrap();
+        assert_eq!(json["ignition"]["version"], "3.3.0");
+        let files = json["storage"]["files"].as_array().unwrap();
+        let bin = files.iter().find(|f| f["path"] == AGENT_PATH).unwrap();
+        assert_eq!(bin["mode"], 0o755);
+        assert!(bin["contents"]["source"].as_str().unwrap().starts_with("https://"));
+        assert!(bin["contents"]["verification"]["hash"].as_str().unwrap().starts_with("sha512-"));
+        assert!(files.iter().any(|f| f["path"] == "/etc/executor-agent/config.toml"));
+        for f in files {
+            let p = f["path"].as_str().unwrap();
+            assert!(!p.starts_with("/usr/") || p.starts_with("/usr/local/"), "{p} is under read-only /usr");
+        }
+        let unit = &json["systemd"]["units"][0];
+        assert_eq!(unit["name"], UNIT_NAME);
+        assert_eq!(unit["enabled"], true);
+        assert_eq!(unit["contents"], std::fs::read_to_string(unit_path()).unwrap());
+    }
+
+    #[test]
+    fn release_file_round_trips() {
+        let r = Release::load().unwrap();
+        assert_eq!(toml::from_str::<Release>(&r.render()).unwrap(), r);
+        assert_eq!(r.url, format!("{}/v{}/{}", r.url_base, r.version, r.file));
+        assert_eq!(r.sha512.len(), 128);
+    }
+
+    #[test]
+    fn unit_block_replacement_keeps_the_rest() {
+        let src = "systemd:\n  units:\n    - name: a.service\n      enabled: true\n      contents: |\n        [Unit]\n\n        X=1\n\n    - name: b.service\n";
+        let out = replace_unit_block(src, "a.service", "[Unit]\nY=2\n").unwrap();
+        assert_eq!(out, "systemd:\n  units:\n    - name: a.service\n      enabled: true\n      contents: |\n        [Unit]\n        Y=2\n\n    - name: b.service\n");
+        let out = replace_unit_block(src, "a.service", "[Unit]\nY=2").unwrap();
+        assert!(out.contains("contents: |-\n        [Unit]\n        Y=2\n\n    - name"));
+    }
+}

@@ -1,0 +1,70 @@
+//! `cargo xtask`: the project's tasks around a real node (Ignition config, local node, end-to-end tests).
+
+mod butane;
+mod e2e;
+mod gojson;
+mod gzip;
+mod host;
+mod ignition;
+mod node;
+mod tree;
+mod yaml;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  ignition [--check]   render ignition/executor-agent.bu to ignition/executor-agent.ign
+                       (--check: fail when the committed .ign is stale); runs ignition-validate
+  dist [--url-base U]  build the release binary into target/dist, record its URL and sha512 in
+                       ignition/release.toml and the .bu, re-render the .ign
+  node                 (root) boot a local throwaway node provisioned by the Ignition config with
+                       the freshly built agent, wait until it is ready and show it
+  node --shell         (root) open a root shell on the running node
+  node --rm            (root) power the node off and delete it
+  e2e                  (root) run the end-to-end scenarios, each on a fresh node
+  test                 (root) everything CI runs: host packages, cargo test, ignition --check,
+                       ignition-validate, e2e
+";
+
+fn main() {
+    if let Err(err) = real_main() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["ignition"] => ignition::cmd_ignition(false),
+        ["ignition", "--check"] => ignition::cmd_ignition(true),
+        ["dist"] => ignition::cmd_dist(None),
+        ["dist", "--url-base", url] => ignition::cmd_dist(Some(url.to_string())),
+        ["node"] => node::cmd_node(),
+        ["node", "--shell"] => node::cmd_shell(),
+        ["node", "--rm"] => node::cmd_rm(),
+        ["e2e"] => e2e::cmd_e2e(),
+        ["test"] => cmd_test(),
+        [] | ["help"] | ["--help"] | ["-h"] => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown arguments {args:?}\n{USAGE}"),
+    }
+}
+
+/// `cargo xtask test`: what `.ci/run` runs.
+fn cmd_test() -> Result<()> {
+    host::require_root("cargo xtask test")?;
+    host::ensure_packages(host::NODE_HOST_PACKAGES)?;
+    eprintln!("==> cargo test --workspace");
+    host::run(host::cargo().args(["test", "--workspace"]))?;
+    eprintln!("==> cargo xtask ignition --check");
+    ignition::cmd_ignition(true)?;
+    eprintln!("==> cargo xtask e2e");
+    e2e::cmd_e2e()
+}
