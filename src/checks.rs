@@ -4,7 +4,8 @@ use serde::Serialize;
 use std::time::SystemTime;
 
 /// Names of the checks, in the order they are reported.
-pub const CHECK_NAMES: [&str; 6] = ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"];
+pub const CHECK_NAMES: [&str; 6] =
+    ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"];
 
 /// One observation made by a step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +73,11 @@ impl CheckSet {
                 Some(check) => {
                     if check.ok != obs.ok {
                         check.since = now;
-                        transitions.push(Transition { name: obs.name, ok: obs.ok, detail: obs.detail.clone() });
+                        transitions.push(Transition {
+                            name: obs.name,
+                            ok: obs.ok,
+                            detail: obs.detail.clone(),
+                        });
                     }
                     check.ok = obs.ok;
                     check.detail = obs.detail;
@@ -83,8 +88,7 @@ impl CheckSet {
                 }
             }
         }
-        self.checks
-            .sort_by_key(|c| CHECK_NAMES.iter().position(|&n| n == c.name).unwrap_or(usize::MAX));
+        self.checks.sort_by_key(|c| CHECK_NAMES.iter().position(|&n| n == c.name).unwrap_or(usize::MAX));
         transitions
     }
 
@@ -141,7 +145,10 @@ mod tests {
         assert!(set.checks().iter().all(|c| c.since == t1));
 
         let t = set.record(vec![Observation::fail("podman-api", "connection refused")], t2);
-        assert_eq!(t, vec![Transition { name: "podman-api", ok: false, detail: "connection refused".into() }]);
+        assert_eq!(
+            t,
+            vec![Transition { name: "podman-api", ok: false, detail: "connection refused".into() }]
+        );
         assert_eq!(set.status_line(), "not ready: podman-api: connection refused");
         let api = set.checks().iter().find(|c| c.name == "podman-api").unwrap();
         assert_eq!(api.since, t2);

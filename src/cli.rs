@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "executor-agent", version, about = "Keeps a Fedora CoreOS node ready for rootless Podman CI jobs")]
+#[command(
+    name = "executor-agent",
+    version,
+    about = "Keeps a Fedora CoreOS node ready for rootless Podman CI jobs"
+)]
 pub struct Cli {
     /// Work on the node tree under DIR (subuid, subgid, login.defs, sysctl.d, config) instead
     /// of /, as `useradd --root` does; steps that need the running system are skipped.

@@ -18,7 +18,9 @@ use crate::steps::{self, Context, Step};
 pub async fn main(cli: Cli) -> Result<ExitCode> {
     let root = cli.root.clone().map(Root::new).unwrap_or_else(Root::host);
     let config_file = cli.config.clone();
-    let load = |root: &Root| config::load(root, config_file.as_deref()).context("invalid configuration, refusing to start");
+    let load = |root: &Root| {
+        config::load(root, config_file.as_deref()).context("invalid configuration, refusing to start")
+    };
     match cli.command {
         Command::UserManager(command) => {
             crate::user_manager::helper_main(command).await?;
@@ -49,7 +51,8 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         Command::Apply => {
             let cx = context(root.clone(), load(&root)?)?;
             let steps = Step::for_root(&cx.root);
-            let pass = daemon::converge_pass(&cx, &steps, &mut HashMap::new()).await;
+            let seen = steps::inspect_all(&cx, &steps).await;
+            let pass = daemon::repair_pass(&cx, &steps, seen, &mut HashMap::new()).await;
             for (step, change) in &pass.changes {
                 println!("changed ({}): {change}", step.name());
             }
@@ -66,7 +69,10 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             let cx = context(root.clone(), load(&root)?)?;
             let inspections = steps::inspect_all(&cx, &Step::for_root(&cx.root)).await;
             let mut set = CheckSet::default();
-            set.record(inspections.iter().flat_map(|(_, i)| i.observations.clone()).collect(), SystemTime::now());
+            set.record(
+                inspections.iter().flat_map(|(_, i)| i.observations.clone()).collect(),
+                SystemTime::now(),
+            );
             let plan: Vec<&String> = inspections.iter().flat_map(|(_, i)| &i.plan).collect();
             if json {
                 let doc = serde_json::json!({
@@ -110,7 +116,11 @@ fn print_table(checks: &[Check]) {
 fn local_address(settings: &Settings) -> String {
     let mut addr = settings.listen;
     if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     addr.to_string()
 }
@@ -137,9 +147,19 @@ async fn wait_ready(settings: &Settings, address: Option<String>, timeout: Durat
                     .into_iter()
                     .flatten()
                     .filter(|c| c["ok"] == false)
-                    .map(|c| format!("  {}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or("")))
+                    .map(|c| {
+                        format!(
+                            "  {}: {}",
+                            c["name"].as_str().unwrap_or("?"),
+                            c["detail"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect();
-                last_problem = format!("{} (HTTP {code})\n{}", doc["status"].as_str().unwrap_or("not ready"), failing.join("\n"));
+                last_problem = format!(
+                    "{} (HTTP {code})\n{}",
+                    doc["status"].as_str().unwrap_or("not ready"),
+                    failing.join("\n")
+                );
             }
             Ok(Err(e)) => last_problem = format!("executor-agent is not answering on {address}: {e:#}"),
             Err(_) => last_problem = format!("executor-agent on {address} did not answer within 2s"),
@@ -148,7 +168,10 @@ async fn wait_ready(settings: &Settings, address: Option<String>, timeout: Durat
             eprintln!("not ready after {}: {}", humantime::format_duration(timeout), last_problem.trim_end());
             return Ok(ExitCode::FAILURE);
         }
-        tokio::time::sleep(Duration::from_millis(250).min(deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(250).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
     }
 }
 

@@ -23,11 +23,8 @@ use crate::paths::Root;
 
 pub const MAIN_CONFIG: &str = "/etc/executor-agent/config.toml";
 /// Drop-in directories, lowest precedence first for same-named files.
-pub const DROP_IN_DIRS: [&str; 3] = [
-    "/usr/lib/executor-agent/config.d",
-    "/run/executor-agent/config.d",
-    "/etc/executor-agent/config.d",
-];
+pub const DROP_IN_DIRS: [&str; 3] =
+    ["/usr/lib/executor-agent/config.d", "/run/executor-agent/config.d", "/etc/executor-agent/config.d"];
 
 /// Everything the agent needs to know, validated.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -165,18 +162,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{file}:{line}: {key}: {message}")]
-    Invalid {
-        file: PathBuf,
-        line: usize,
-        key: String,
-        message: String,
-    },
+    Invalid { file: PathBuf, line: usize, key: String, message: String },
     #[error("{file}: {key}: {message}")]
-    Conflict {
-        file: PathBuf,
-        key: String,
-        message: String,
-    },
+    Conflict { file: PathBuf, key: String, message: String },
 }
 
 /// The files that make up the configuration, in the order they are applied.
@@ -220,9 +208,7 @@ pub fn load(root: &Root, main: Option<&Path>) -> Result<Settings, ConfigError> {
 }
 
 /// Applies fragments in order over the defaults; exposed for tests and fuzzing.
-pub fn merge<'a>(
-    fragments: impl IntoIterator<Item = (&'a Path, &'a str)>,
-) -> Result<Settings, ConfigError> {
+pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Settings, ConfigError> {
     let mut settings = Settings::default();
     let mut backoff_origin = None;
     for (file, text) in fragments {
@@ -307,9 +293,8 @@ fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
     let name = String::deserialize(d)?;
     // shadow-utils' default NAME_REGEX, with its 32-character limit.
     let valid_first = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let valid_rest = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let valid_rest =
+        name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !valid_first || !valid_rest || name.len() > 32 {
         return Err(D::Error::custom(format!(
             "{name:?} is not a valid user name (lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32)"
@@ -331,9 +316,9 @@ fn unit_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     let text = String::deserialize(d)?;
-    text.parse()
-        .map(Some)
-        .map_err(|_| D::Error::custom(format!("{text:?} is not an address like \"0.0.0.0:9739\" or \"[::1]:9739\"")))
+    text.parse().map(Some).map_err(|_| {
+        D::Error::custom(format!("{text:?} is not an address like \"0.0.0.0:9739\" or \"[::1]:9739\""))
+    })
 }
 
 /// Serialises durations the way they are written in the config ("15s").
@@ -498,6 +483,22 @@ mod tests {
         assert_eq!(s.subid_count, 3);
         assert_eq!(s.runner_user, "main");
         assert_eq!(s.listen.to_string(), "127.0.0.1:1");
+    }
+
+    #[test]
+    fn shipped_config_file_documents_every_key_at_its_default() {
+        let text = include_str!("../ignition/config.toml");
+        assert_eq!(merged(&[("ignition/config.toml", text)]).unwrap(), Settings::default());
+        let shipped: toml::Table = text.parse().unwrap();
+        let known: toml::Table = Settings::default().to_string().parse().unwrap();
+        for (section, keys) in &known {
+            for key in keys.as_table().unwrap().keys() {
+                assert!(
+                    shipped.get(section).and_then(|s| s.get(key)).is_some(),
+                    "ignition/config.toml lacks {section}.{key}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -58,11 +58,16 @@ pub struct PassResult {
     pub errors: Vec<(Step, anyhow::Error)>,
 }
 
-/// Inspects every step, converges those that drifted (dependencies first, independent steps
-/// concurrently), and inspects the repaired ones again.
-pub async fn converge_pass(cx: &Context, steps: &[Step], backoff: &mut HashMap<Step, Backoff>) -> PassResult {
+/// Converges the steps that `seen` shows drifted (dependencies first, independent steps
+/// concurrently, each only when its backoff allows), and inspects the repaired ones again.
+pub async fn repair_pass(
+    cx: &Context,
+    steps: &[Step],
+    seen: Vec<(Step, Inspection)>,
+    backoff: &mut HashMap<Step, Backoff>,
+) -> PassResult {
     let now = Instant::now();
-    let mut inspections: HashMap<Step, Inspection> = steps::inspect_all(cx, steps).await.into_iter().collect();
+    let mut inspections: HashMap<Step, Inspection> = seen.into_iter().collect();
     let mut changes = Vec::new();
     let mut errors = Vec::new();
     let mut repaired = Vec::new();
@@ -71,12 +76,20 @@ pub async fn converge_pass(cx: &Context, steps: &[Step], backoff: &mut HashMap<S
         let due: Vec<Step> = steps
             .iter()
             .copied()
-            .filter(|s| !inspections[s].converged() && !repaired.contains(s) && !errors.iter().any(|(e, _)| e == s))
+            .filter(|s| {
+                !inspections[s].converged() && !repaired.contains(s) && !errors.iter().any(|(e, _)| e == s)
+            })
             .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
             .filter(|s| s.depends_on().is_none_or(|d| inspections.get(&d).is_none_or(|i| i.converged())))
             .filter(|s| round == 1 || s.depends_on().is_none())
             .collect();
-        let outcomes = futures_util::future::join_all(due.iter().map(|s| s.converge(cx))).await;
+        let outcomes = futures_util::future::join_all(due.iter().map(|s| async move {
+            let started = Instant::now();
+            let outcome = s.converge(cx).await;
+            tracing::debug!(step = s.name(), elapsed_ms = started.elapsed().as_millis() as u64, "converged");
+            outcome
+        }))
+        .await;
         for (step, outcome) in due.iter().copied().zip(outcomes) {
             match outcome {
                 Ok(done) => {
@@ -136,6 +149,38 @@ pub fn observations(result: &PassResult) -> Vec<Observation> {
 fn notify(states: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// Records observations, logs check and readiness transitions, and tells probes and systemd.
+fn publish(
+    checks: &mut CheckSet,
+    observed: Vec<Observation>,
+    snapshot: &watch::Sender<Snapshot>,
+    status_line: &mut String,
+) {
+    let was_ready = checks.ready();
+    for t in checks.record(observed, SystemTime::now()) {
+        let verdict = if t.ok { "passes" } else { "fails" };
+        tracing::info!(
+            message_id = journal::CHECK_CHANGED,
+            check = t.name,
+            ok = t.ok,
+            "check {} {verdict}: {}",
+            t.name,
+            t.detail
+        );
+    }
+    let line = checks.status_line();
+    match (was_ready, checks.ready()) {
+        (false, true) => tracing::info!(message_id = journal::NODE_READY, "{line}"),
+        (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
+        _ => {}
+    }
+    snapshot.send_replace(Snapshot { checks: checks.clone(), heartbeat: Instant::now() });
+    if line != *status_line {
+        notify(&[sd_notify::NotifyState::Status(&line)]);
+        *status_line = line;
     }
 }
 
@@ -201,7 +246,8 @@ pub async fn run(cx: Context) -> Result<()> {
         let now = Instant::now();
         let retry_at = backoff.values().filter_map(Backoff::next_attempt).filter(|t| *t > now).min();
         let failing = !checks.ready();
-        let pass_due = if failing { retry_at.map_or(next_resync, |r| r.min(next_resync)) } else { next_resync };
+        let pass_due =
+            if failing { retry_at.map_or(next_resync, |r| r.min(next_resync)) } else { next_resync };
         let woken = tokio::select! {
             _ = wake.notified() => {
                 tokio::time::sleep(COALESCE).await;
@@ -212,25 +258,15 @@ pub async fn run(cx: Context) -> Result<()> {
             _ = sigint.recv() => break,
         };
         if woken || first_pass || Instant::now() >= pass_due {
-            let pass = converge_pass(&cx, &steps, &mut backoff).await;
+            // Publish what is seen before repairing, so drift shows as "not ready" to probes.
+            let seen = steps::inspect_all(&cx, &steps).await;
+            let observed: Vec<Observation> = seen.iter().flat_map(|(_, i)| i.observations.clone()).collect();
+            publish(&mut checks, observed, &snapshot_tx, &mut status_line);
+            let pass = repair_pass(&cx, &steps, seen, &mut backoff).await;
             for (step, change) in &pass.changes {
                 tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
             }
-            let was_ready = checks.ready();
-            for t in checks.record(observations(&pass), SystemTime::now()) {
-                let verdict = if t.ok { "passes" } else { "fails" };
-                tracing::info!(message_id = journal::CHECK_CHANGED, check = t.name, ok = t.ok, "check {} {verdict}: {}", t.name, t.detail);
-            }
-            let line = checks.status_line();
-            match (was_ready, checks.ready()) {
-                (false, true) => tracing::info!(message_id = journal::NODE_READY, "{line}"),
-                (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
-                _ => {}
-            }
-            if line != status_line {
-                notify(&[sd_notify::NotifyState::Status(&line)]);
-                status_line = line;
-            }
+            publish(&mut checks, observations(&pass), &snapshot_tx, &mut status_line);
             if first_pass {
                 tracing::info!(
                     message_id = journal::AGENT_LIFECYCLE,
@@ -286,7 +322,10 @@ mod tests {
             inspections: vec![(
                 Step::PodmanSocket,
                 Inspection {
-                    observations: vec![Observation::pass("podman-socket", "ok"), Observation::fail("podman-api", "refused")],
+                    observations: vec![
+                        Observation::pass("podman-socket", "ok"),
+                        Observation::fail("podman-api", "refused"),
+                    ],
                     plan: vec![],
                 },
             )],

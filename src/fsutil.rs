@@ -211,16 +211,15 @@ fn suffix(mut n: u64) -> String {
 }
 
 fn xattr_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENODATA))
+    matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::ENODATA))
 }
 
 fn get_selinux_label(file: &File) -> io::Result<Option<Vec<u8>>> {
     // Retry when the label grows between the size query and the read.
     for _ in 0..4 {
         // SAFETY: a null buffer with size 0 only asks for the value's length.
-        let len = unsafe {
-            libc::fgetxattr(file.as_raw_fd(), SELINUX_XATTR.as_ptr(), std::ptr::null_mut(), 0)
-        };
+        let len =
+            unsafe { libc::fgetxattr(file.as_raw_fd(), SELINUX_XATTR.as_ptr(), std::ptr::null_mut(), 0) };
         if len < 0 {
             let e = io::Error::last_os_error();
             return if xattr_unsupported(&e) { Ok(None) } else { Err(e) };
@@ -294,8 +293,10 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn dir_names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<_> =
-            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         names
     }
@@ -400,7 +401,8 @@ mod tests {
         fs::write(&path, b"core:100000:65536\n").unwrap();
         let before = fs::metadata(&path).unwrap().ino();
 
-        let err = replace_with(&ops, &path, b"core:100000:65536\nnew:165536:65536\n", None, 0o644).unwrap_err();
+        let err =
+            replace_with(&ops, &path, b"core:100000:65536\nnew:165536:65536\n", None, 0o644).unwrap_err();
 
         assert!(err.to_string().contains(expect), "{err}");
         assert!(!ops.renamed.get());
@@ -411,12 +413,18 @@ mod tests {
 
     #[test]
     fn enospc_on_write_leaves_original() {
-        assert_fault_leaves_original(Faulty { write: Some(libc::ENOSPC), ..Default::default() }, "No space left");
+        assert_fault_leaves_original(
+            Faulty { write: Some(libc::ENOSPC), ..Default::default() },
+            "No space left",
+        );
     }
 
     #[test]
     fn eio_on_write_leaves_original() {
-        assert_fault_leaves_original(Faulty { write: Some(libc::EIO), ..Default::default() }, "Input/output error");
+        assert_fault_leaves_original(
+            Faulty { write: Some(libc::EIO), ..Default::default() },
+            "Input/output error",
+        );
     }
 
     #[test]

@@ -65,7 +65,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if age < LIVENESS_LIMIT {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("main loop has not run for {}s\n", age.as_secs())).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("main loop has not run for {}s\n", age.as_secs()))
+            .into_response()
     }
 }
 
@@ -120,13 +121,17 @@ mod tests {
         let response = app(state.clone()).oneshot(request).await.unwrap();
         let code = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or(serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
         (code, json)
     }
 
     fn all_passing() -> CheckSet {
         let mut set = CheckSet::pending(SystemTime::UNIX_EPOCH);
-        set.record(CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect(), SystemTime::UNIX_EPOCH);
+        set.record(
+            CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect(),
+            SystemTime::UNIX_EPOCH,
+        );
         set
     }
 

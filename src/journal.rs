@@ -22,8 +22,12 @@ pub const AGENT_LIFECYCLE: &str = "d3954dc3203c47b8867f25f26914f130";
 /// True when stderr is connected to the journal (systemd sets JOURNAL_STREAM to its dev:inode).
 fn stderr_is_journal() -> bool {
     use std::os::fd::AsFd;
-    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else { return false };
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
     stream == format!("{}:{}", stat.st_dev, stat.st_ino)
 }
 

@@ -83,7 +83,9 @@ mod tests {
     async fn healthy_api_reports_its_version() {
         let router = axum::Router::new().route("/_ping", route(|| async { "OK" })).route(
             "/version",
-            route(|| async { axum::Json(serde_json::json!({"Version": "4.3.1", "ApiVersion": "1.41", "Os": "linux"})) }),
+            route(|| async {
+                axum::Json(serde_json::json!({"Version": "4.3.1", "ApiVersion": "1.41", "Os": "linux"}))
+            }),
         );
         let (_dir, sock) = serve(router).await;
         let v = probe(&sock, Duration::from_secs(2)).await.unwrap();

@@ -24,10 +24,16 @@ impl Account {
             let user = nix::unistd::User::from_name(name)
                 .with_context(|| format!("looking up user {name:?}"))?
                 .with_context(|| format!("user {name:?} does not exist on this node"))?;
-            return Ok(Account { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir });
+            return Ok(Account {
+                name: user.name,
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+                home: user.dir,
+            });
         }
         let passwd = root.join("/etc/passwd");
-        let text = std::fs::read_to_string(&passwd).with_context(|| format!("reading {}", passwd.display()))?;
+        let text =
+            std::fs::read_to_string(&passwd).with_context(|| format!("reading {}", passwd.display()))?;
         parse_passwd(&text, name).with_context(|| format!("user {name:?} is not in {}", passwd.display()))
     }
 
@@ -60,16 +66,19 @@ impl Account {
             .env("XDG_RUNTIME_DIR", &runtime_dir)
             .env("DBUS_SESSION_BUS_ADDRESS", format!("unix:path={}/bus", runtime_dir.display()))
             .current_dir(if self.home.is_dir() { self.home.as_path() } else { Path::new("/") });
+        let already_the_user = nix::unistd::geteuid().as_raw() == uid;
         // SAFETY: only async-signal-safe system calls run between fork and exec. The std
         // uid/gid setters run before pre_exec hooks and would drop privileges before
         // setgroups, so all three are done here, in the required order.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
-                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
-                Ok(())
-            });
+        if !already_the_user {
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::unistd::setgroups(&groups)?;
+                    nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+                    nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+                    Ok(())
+                });
+            }
         }
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
@@ -104,7 +113,8 @@ mod tests {
 
     #[test]
     fn finds_the_user_in_a_passwd_file() {
-        let text = "root:x:0:0:root:/root:/bin/bash\ncore:x:1000:1000:CoreOS Admin:/var/home/core:/bin/bash\n";
+        let text =
+            "root:x:0:0:root:/root:/bin/bash\ncore:x:1000:1000:CoreOS Admin:/var/home/core:/bin/bash\n";
         let a = parse_passwd(text, "core").unwrap();
         assert_eq!((a.uid, a.gid, a.home.as_path()), (1000, 1000, Path::new("/var/home/core")));
         assert_eq!(a.manager_unit(), "user@1000.service");

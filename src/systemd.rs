@@ -70,7 +70,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = zbus::Result<OwnedObjectPath>>,
 {
-    manager.subscribe().await.context("subscribing to systemd's signals")?;
+    subscribe(manager).await?;
     let mut removed = manager.receive_job_removed().await?;
     let job = call().await.with_context(|| format!("{what}: request refused"))?;
     let outcome = tokio::time::timeout(timeout, async {
@@ -90,6 +90,19 @@ where
     }
 }
 
+/// Asks systemd to send job and unit signals; a connection that already asked is fine.
+pub async fn subscribe(manager: &ManagerProxy<'_>) -> Result<()> {
+    match manager.subscribe().await {
+        Ok(()) => Ok(()),
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).context("subscribing to systemd's signals"),
+    }
+}
+
 pub async fn start(manager: &ManagerProxy<'_>, unit: &str, timeout: Duration) -> Result<()> {
     run_job(manager, &format!("starting {unit}"), timeout, || {
         manager.start_unit(unit.to_string(), "replace".into())
@@ -98,8 +111,10 @@ pub async fn start(manager: &ManagerProxy<'_>, unit: &str, timeout: Duration) ->
 }
 
 pub async fn stop(manager: &ManagerProxy<'_>, unit: &str, timeout: Duration) -> Result<()> {
-    run_job(manager, &format!("stopping {unit}"), timeout, || manager.stop_unit(unit.to_string(), "replace".into()))
-        .await
+    run_job(manager, &format!("stopping {unit}"), timeout, || {
+        manager.stop_unit(unit.to_string(), "replace".into())
+    })
+    .await
 }
 
 pub async fn restart(manager: &ManagerProxy<'_>, unit: &str, timeout: Duration) -> Result<()> {
@@ -128,7 +143,10 @@ mod tests {
 
     #[test]
     fn escapes_unit_names_like_systemd() {
-        assert_eq!(unit_object_path("user@1000.service"), "/org/freedesktop/systemd1/unit/user_401000_2eservice");
+        assert_eq!(
+            unit_object_path("user@1000.service"),
+            "/org/freedesktop/systemd1/unit/user_401000_2eservice"
+        );
         assert_eq!(unit_object_path("podman.socket"), "/org/freedesktop/systemd1/unit/podman_2esocket");
     }
 }

@@ -20,14 +20,21 @@ pub struct EnsureReport {
 
 /// Makes a socket unit enabled and listening; with `restart`, also replaces a running
 /// listener (the socket file was deleted, or the API behind it stopped answering).
-pub async fn ensure_socket(conn: &zbus::Connection, unit: &str, restart: bool, timeout: Duration) -> Result<EnsureReport> {
+pub async fn ensure_socket(
+    conn: &zbus::Connection,
+    unit: &str,
+    restart: bool,
+    timeout: Duration,
+) -> Result<EnsureReport> {
     let manager = systemd::manager(conn).await?;
     let mut changes = Vec::new();
     let state = systemd::unit_state(conn, unit).await?;
     match state.load_state.as_str() {
         "loaded" => {}
         "masked" => bail!("{unit} is masked in the user manager"),
-        "not-found" => bail!("{unit} is not installed (no unit file in the user manager's search path)"),
+        "not-found" => {
+            bail!("{unit} is not installed (no unit file in the user manager's search path)")
+        }
         other => bail!("{unit} could not be loaded ({other})"),
     }
     if !state.is_enabled() {
@@ -63,7 +70,7 @@ pub async fn ensure_socket(conn: &zbus::Connection, unit: &str, restart: bool, t
 /// goes away (the user manager stopped). Run as the user by the daemon.
 pub async fn watch(conn: &zbus::Connection, units: &[String]) -> Result<()> {
     let manager = systemd::manager(conn).await?;
-    manager.subscribe().await?;
+    systemd::subscribe(&manager).await?;
     let mut signals = zbus::MessageStream::for_match_rule(
         zbus::MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
@@ -82,7 +89,8 @@ pub async fn watch(conn: &zbus::Connection, units: &[String]) -> Result<()> {
         }
         // Sub-states are left out: a socket goes "listening" -> "running" each time the
         // API is used, and the agent's own probes must not wake it again.
-        let key: Vec<_> = states.iter().map(|s| (&s.load_state, &s.active_state, &s.unit_file_state)).collect();
+        let key: Vec<_> =
+            states.iter().map(|s| (&s.load_state, &s.active_state, &s.unit_file_state)).collect();
         let key = serde_json::to_string(&key)?;
         if key != last {
             let line = serde_json::to_string(&states)? + "\n";
@@ -101,13 +109,23 @@ pub async fn watch(conn: &zbus::Connection, units: &[String]) -> Result<()> {
 }
 
 /// Runs `executor-agent user-manager ARGS` as the user and parses its JSON answer.
-pub async fn call_as<T: serde::de::DeserializeOwned>(user: &Account, args: &[&str], timeout: Duration) -> Result<T> {
+pub async fn call_as<T: serde::de::DeserializeOwned>(
+    user: &Account,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<T> {
     let exe = std::env::current_exe().context("finding our own executable")?;
     let mut cmd = user.command(&exe)?;
     cmd.arg("user-manager").args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let output = tokio::time::timeout(timeout, cmd.output())
         .await
-        .map_err(|_| anyhow!("no answer from {}'s user manager within {}", user.name, humantime::format_duration(timeout)))?
+        .map_err(|_| {
+            anyhow!(
+                "no answer from {}'s user manager within {}",
+                user.name,
+                humantime::format_duration(timeout)
+            )
+        })?
         .with_context(|| format!("running {} as {}", exe.display(), user.name))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -145,7 +163,8 @@ impl Watcher {
         let mut cmd = user.command(&exe)?;
         cmd.arg("user-manager").arg("watch").args(units);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut child = cmd.spawn().with_context(|| format!("starting the user manager watcher as {}", user.name))?;
+        let mut child =
+            cmd.spawn().with_context(|| format!("starting the user manager watcher as {}", user.name))?;
         let stdout = child.stdout.take().context("watcher has no stdout")?;
         Ok(Watcher { child, lines: tokio::io::BufReader::new(stdout).lines() })
     }

@@ -44,8 +44,9 @@ impl FileWatcher {
     pub fn new() -> Result<Arc<Self>> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         // SAFETY: the Inotify owns its descriptor for as long as the AsyncFd holds it.
-        let fd = unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering inotify: {e}"))?;
         Ok(Arc::new(FileWatcher { fd, watched: Mutex::new(HashMap::new()) }))
     }
 
@@ -69,7 +70,9 @@ impl FileWatcher {
     /// Calls `wake` for every event on a watched name, until the descriptor fails.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>) {
         loop {
-            let Ok(mut guard) = self.fd.readable().await else { return };
+            let Ok(mut guard) = self.fd.readable().await else {
+                return;
+            };
             let events = match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
                 Ok(Ok(events)) => events,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -85,7 +88,9 @@ impl FileWatcher {
                         relevant = true;
                         continue;
                     }
-                    let Some(dir) = watched.get(&event.wd) else { continue };
+                    let Some(dir) = watched.get(&event.wd) else {
+                        continue;
+                    };
                     let name_matches = match &event.name {
                         None => true,
                         Some(name) => dir.names.is_empty() || dir.names.iter().any(|n| n == name),
@@ -117,7 +122,7 @@ pub async fn watch_system_bus(bus: SystemBus, user: Account, wake: Arc<Notify>) 
 
 async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify) -> Result<()> {
     let conn = bus.get().await?;
-    systemd::manager(&conn).await?.subscribe().await?;
+    systemd::subscribe(&systemd::manager(&conn).await?).await?;
     let unit_path = systemd::unit_object_path(&user.manager_unit());
     let rules = [
         zbus::MatchRule::builder()
@@ -138,14 +143,17 @@ async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify) -
     ];
     let mut streams = Vec::new();
     for rule in rules {
-        streams.push(zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(64)).await?);
+        streams
+            .push(zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(64)).await?);
     }
     let mut all = futures_util::stream::select_all(streams);
     while let Some(message) = all.next().await {
         let message = message?;
         let header = message.header();
         if header.member().is_some_and(|m| m.as_str() == "NameOwnerChanged") {
-            let Ok((name, _, _)) = message.body().deserialize::<(String, String, String)>() else { continue };
+            let Ok((name, _, _)) = message.body().deserialize::<(String, String, String)>() else {
+                continue;
+            };
             if name != "org.freedesktop.login1" && name != "org.freedesktop.systemd1" {
                 continue;
             }

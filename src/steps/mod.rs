@@ -47,9 +47,8 @@ impl SystemBus {
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let conn = zbus::Connection::system()
-            .await
-            .map_err(|e| anyhow::anyhow!("system bus not reachable: {e}"))?;
+        let conn =
+            zbus::Connection::system().await.map_err(|e| anyhow::anyhow!("system bus not reachable: {e}"))?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -140,6 +139,12 @@ impl Step {
 
 /// Inspects the given steps concurrently, returning them in order.
 pub async fn inspect_all(cx: &Context, steps: &[Step]) -> Vec<(Step, Inspection)> {
-    let inspections = futures_util::future::join_all(steps.iter().map(|&s| s.inspect(cx))).await;
+    let inspections = futures_util::future::join_all(steps.iter().map(|&s| async move {
+        let started = std::time::Instant::now();
+        let inspection = s.inspect(cx).await;
+        tracing::debug!(step = s.name(), elapsed_ms = started.elapsed().as_millis() as u64, "inspected");
+        inspection
+    }))
+    .await;
     steps.iter().copied().zip(inspections).collect()
 }

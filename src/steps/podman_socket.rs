@@ -30,7 +30,9 @@ struct Seen {
 }
 
 async fn see(cx: &Context) -> Seen {
-    let unit = user_manager::status(&cx.user, &cx.settings.podman_socket_unit, cx.settings.user_manager_timeout).await;
+    let unit =
+        user_manager::status(&cx.user, &cx.settings.podman_socket_unit, cx.settings.user_manager_timeout)
+            .await;
     let socket_file = socket_file_present(cx);
     // Only a real request proves the API: the socket file can outlive a dead listener.
     let api = if socket_file {
@@ -58,7 +60,10 @@ pub async fn inspect(cx: &Context) -> Inspection {
             if !state.is_active() {
                 plan.push(format!("start {unit_name} for {user}"));
             } else if !seen.socket_file {
-                plan.push(format!("restart {unit_name} for {user} to recreate {}", socket_path(cx).display()));
+                plan.push(format!(
+                    "restart {unit_name} for {user} to recreate {}",
+                    socket_path(cx).display()
+                ));
             }
             let ok = state.is_enabled() && state.is_active() && seen.socket_file;
             let detail = if state.is_active() && !seen.socket_file {
@@ -70,7 +75,9 @@ pub async fn inspect(cx: &Context) -> Inspection {
         }
     };
     let api = match &seen.api {
-        Ok(v) => Observation::pass(API_CHECK, format!("/_ping OK, Podman {} (API {})", v.version, v.api_version)),
+        Ok(v) => {
+            Observation::pass(API_CHECK, format!("/_ping OK, Podman {} (API {})", v.version, v.api_version))
+        }
         Err(e) => {
             if seen.unit.as_ref().is_ok_and(|s| s.is_active()) && seen.socket_file {
                 plan.push(format!("restart {unit_name} and its service for {user}"));
@@ -87,7 +94,8 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let restart = unit_was_active && (!seen.socket_file || seen.api.is_err());
     let timeout = cx.settings.user_manager_timeout;
     let report = user_manager::ensure(&cx.user, &cx.settings.podman_socket_unit, restart, timeout).await?;
-    let changes: Vec<String> = report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
+    let changes: Vec<String> =
+        report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
     // Prove the API before calling the step done.
     if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await {
         bail!("{} is active but the API does not answer: {e:#}", cx.settings.podman_socket_unit);

@@ -29,9 +29,19 @@ pub async fn inspect(cx: &Context) -> Inspection {
             Ok(view) => match view.would_add {
                 None => Observation::pass(name, format!("{} owns {}", user.name, ranges(&view.owned))),
                 Some(range) => {
-                    inspection.plan.push(format!("add {}:{}:{} to {}", user.name, range.start, range.count, kind.file_name()));
-                    let has = if view.owned.is_empty() { "no range".to_string() } else { ranges(&view.owned) };
-                    Observation::fail(name, format!("{} owns {has}; needs {}", user.name, cx.settings.subid_count))
+                    inspection.plan.push(format!(
+                        "add {}:{}:{} to {}",
+                        user.name,
+                        range.start,
+                        range.count,
+                        kind.file_name()
+                    ));
+                    let has =
+                        if view.owned.is_empty() { "no range".to_string() } else { ranges(&view.owned) };
+                    Observation::fail(
+                        name,
+                        format!("{} owns {has}; needs {}", user.name, cx.settings.subid_count),
+                    )
                 }
             },
         };
@@ -44,12 +54,20 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let user = cx.user.as_subid_owner();
     let mut changes = Vec::new();
     for kind in [IdKind::Uid, IdKind::Gid] {
-        let (root, count, timeout) = (cx.root.clone(), cx.settings.subid_count, cx.settings.subid_lock_timeout);
+        let (root, count, timeout) =
+            (cx.root.clone(), cx.settings.subid_count, cx.settings.subid_lock_timeout);
         let owner = user.clone();
         // Locking may wait on another writer: keep the runtime's threads free.
-        let outcome = tokio::task::spawn_blocking(move || subid::ensure(&root, kind, &owner, count, timeout)).await??;
+        let outcome =
+            tokio::task::spawn_blocking(move || subid::ensure(&root, kind, &owner, count, timeout)).await??;
         if let EnsureOutcome::Added { range } = outcome {
-            changes.push(format!("added {}:{}:{} to {}", user.name, range.start, range.count, kind.file_name()));
+            changes.push(format!(
+                "added {}:{}:{} to {}",
+                user.name,
+                range.start,
+                range.count,
+                kind.file_name()
+            ));
         }
     }
     if !changes.is_empty() && cx.root.is_host() && has_used_podman(cx) {

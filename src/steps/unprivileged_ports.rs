@@ -16,7 +16,8 @@ const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// Our drop-in. Sorted late so that vendor files do not override it by accident.
 pub const PERSISTED: &str = "/etc/sysctl.d/90-executor-agent.conf";
 /// systemd-sysctl's search path; for the same file name the first directory wins.
-const SYSCTL_DIRS: [&str; 5] = ["/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d"];
+const SYSCTL_DIRS: [&str; 5] =
+    ["/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d"];
 
 pub fn persisted_contents(value: u16) -> String {
     format!(
@@ -38,7 +39,9 @@ pub struct Override {
 pub fn find_override(root: &crate::paths::Root, wanted: u16) -> Option<Override> {
     let mut files: BTreeMap<std::ffi::OsString, PathBuf> = BTreeMap::new();
     for dir in SYSCTL_DIRS {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             if Path::new(&name).extension().is_some_and(|e| e == "conf") {
@@ -52,10 +55,16 @@ pub fn find_override(root: &crate::paths::Root, wanted: u16) -> Option<Override>
         if path == &root.join(PERSISTED) || name.as_os_str() == Path::new(PERSISTED).file_name()? {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(path) else { continue };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
         for (i, line) in text.lines().enumerate() {
             if let Some(value) = sysctl_assignment(line, KEY) {
-                last = (value != wanted.to_string()).then(|| Override { file: path.clone(), line: i + 1, value });
+                last = (value != wanted.to_string()).then(|| Override {
+                    file: path.clone(),
+                    line: i + 1,
+                    value,
+                });
             }
         }
     }
@@ -71,7 +80,11 @@ fn sysctl_assignment(line: &str, key: &str) -> Option<String> {
     let (name, value) = line.split_once('=')?;
     let name = name.trim().trim_start_matches('-');
     // sysctl.d(5): a key whose first separator is '/' uses '/' throughout.
-    let name = if name.find('/') < name.find('.') || !name.contains('.') { name.replace('/', ".") } else { name.to_string() };
+    let name = if name.find('/') < name.find('.') || !name.contains('.') {
+        name.replace('/', ".")
+    } else {
+        name.to_string()
+    };
     (name == key).then(|| value.trim().to_string())
 }
 
@@ -82,7 +95,11 @@ fn read_trimmed(path: &str) -> Result<String> {
 /// The kernel refuses a start above the low end of the local port range (EINVAL).
 fn validate(wanted: u16) -> Result<()> {
     let range = read_trimmed(LOCAL_PORT_RANGE)?;
-    let low: u32 = range.split_whitespace().next().and_then(|v| v.parse().ok()).context("parsing ip_local_port_range")?;
+    let low: u32 = range
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("parsing ip_local_port_range")?;
     if u32::from(wanted) > low {
         bail!("{KEY}={wanted} is above the low end of net.ipv4.ip_local_port_range ({range}); the kernel would reject it");
     }
@@ -118,7 +135,11 @@ pub async fn inspect(cx: &Context) -> Inspection {
     if let Some(o) = find_override(&cx.root, wanted) {
         problems.push(format!(
             "{}:{} sets {} after {PERSISTED}, so it wins at boot",
-            o.file.strip_prefix(cx.root.dir()).map(|p| Path::new("/").join(p)).unwrap_or(o.file.clone()).display(),
+            o.file
+                .strip_prefix(cx.root.dir())
+                .map(|p| Path::new("/").join(p))
+                .unwrap_or(o.file.clone())
+                .display(),
             o.line,
             o.value
         ));
@@ -152,7 +173,12 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         changes.push(format!("set {KEY} = {wanted}"));
     }
     if let Some(o) = find_override(&cx.root, wanted) {
-        bail!("{}:{} sets {KEY} = {} after our file; remove it or set the same value", o.file.display(), o.line, o.value);
+        bail!(
+            "{}:{} sets {KEY} = {} after our file; remove it or set the same value",
+            o.file.display(),
+            o.line,
+            o.value
+        );
     }
     Ok(changes)
 }
@@ -166,7 +192,10 @@ mod tests {
     fn recognises_assignments_in_every_spelling() {
         assert_eq!(sysctl_assignment("net.ipv4.ip_unprivileged_port_start = 80", KEY).as_deref(), Some("80"));
         assert_eq!(sysctl_assignment("net/ipv4/ip_unprivileged_port_start=0", KEY).as_deref(), Some("0"));
-        assert_eq!(sysctl_assignment("-net.ipv4.ip_unprivileged_port_start = 1024", KEY).as_deref(), Some("1024"));
+        assert_eq!(
+            sysctl_assignment("-net.ipv4.ip_unprivileged_port_start = 1024", KEY).as_deref(),
+            Some("1024")
+        );
         assert_eq!(sysctl_assignment("# net.ipv4.ip_unprivileged_port_start = 1", KEY), None);
         assert_eq!(sysctl_assignment("net.ipv4.ip_forward = 1", KEY), None);
     }
@@ -187,7 +216,11 @@ mod tests {
         write(&root, "/etc/sysctl.d/95-same.conf", "net.ipv4.ip_unprivileged_port_start = 80\n");
         assert_eq!(find_override(&root, 80), None);
 
-        write(&root, "/usr/lib/sysctl.d/99-vendor.conf", "# vendor\nnet/ipv4/ip_unprivileged_port_start = 1024\n");
+        write(
+            &root,
+            "/usr/lib/sysctl.d/99-vendor.conf",
+            "# vendor\nnet/ipv4/ip_unprivileged_port_start = 1024\n",
+        );
         let o = find_override(&root, 80).unwrap();
         assert_eq!((o.line, o.value.as_str()), (2, "1024"));
         assert!(o.file.ends_with("usr/lib/sysctl.d/99-vendor.conf"));

@@ -52,7 +52,9 @@ pub fn allocate(
     let taken: Vec<IdRange> = file.entries.iter().map(|e| e.range).collect();
     match first_fit(&taken, count, limits) {
         Some(start) => Ok(Allocation { owned, add: Some(IdRange { start, count }) }),
-        None => Err(SubidError::Exhausted { path: file.path.clone(), count, min: limits.min, max: limits.max }),
+        None => {
+            Err(SubidError::Exhausted { path: file.path.clone(), count, min: limits.min, max: limits.max })
+        }
     }
 }
 
@@ -95,7 +97,7 @@ fn first_fit(taken: &[IdRange], count: u32, limits: &Limits) -> Option<u32> {
         }
         low = low.max(r.end());
     }
-    (low + count <= limit).then(|| low as u32)
+    (low + count <= limit).then_some(low as u32)
 }
 
 #[cfg(test)]
@@ -112,7 +114,7 @@ mod tests {
         assert_eq!(first_fit(&[], 10, &limits(100, 109)), Some(100));
         assert_eq!(first_fit(&[], 10, &limits(100, 108)), None);
         assert_eq!(first_fit(&[r(100, 5)], 10, &limits(100, 114)), Some(105));
-        assert_eq!(first_fit(&[r(0, 50), r(110, 5), r(120, 10)], 10, &limits(100, 200)), Some(130));
+        assert_eq!(first_fit(&[r(0, 105), r(110, 5), r(120, 10)], 10, &limits(100, 200)), Some(130));
         // A hole exactly count wide between two ranges.
         assert_eq!(first_fit(&[r(100, 10), r(120, 10)], 10, &limits(100, 200)), Some(110));
         assert_eq!(first_fit(&[r(0, u32::MAX)], 1, &limits(0, u32::MAX)), Some(u32::MAX));

@@ -27,10 +27,14 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "holder", rename_all = "snake_case")]
 pub enum LockHolder {
-    Pid { pid: i32 },
+    Pid {
+        pid: i32,
+    },
     /// An empty lock file: shadow-utils treats it as held, so do we.
     NoPid,
-    InvalidPid { content: String },
+    InvalidPid {
+        content: String,
+    },
     OtherThread,
     Unknown,
 }
@@ -40,7 +44,9 @@ impl fmt::Display for LockHolder {
         match self {
             LockHolder::Pid { pid } => write!(f, "PID {pid}"),
             LockHolder::NoPid => f.write_str("an unknown process (the lock file holds no PID)"),
-            LockHolder::InvalidPid { content } => write!(f, "an unknown process (invalid PID {content:?})"),
+            LockHolder::InvalidPid { content } => {
+                write!(f, "an unknown process (invalid PID {content:?})")
+            }
             LockHolder::OtherThread => f.write_str("another thread of this process"),
             LockHolder::Unknown => f.write_str("another process"),
         }
@@ -116,7 +122,11 @@ fn lock_pwd(path: &Path, deadline: Instant, started: Instant) -> Result<File, Su
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(SubidError::Locked { path: path.to_owned(), holder: fcntl_holder(&file), waited: started.elapsed() });
+            return Err(SubidError::Locked {
+                path: path.to_owned(),
+                holder: fcntl_holder(&file),
+                waited: started.elapsed(),
+            });
         }
         sleep(POLL.min(deadline - now));
     }
@@ -130,7 +140,9 @@ fn fcntl_holder(file: &File) -> LockHolder {
     let mut probe = whole_file(libc::F_WRLCK);
     match fcntl(file, FcntlArg::F_GETLK(&mut probe)) {
         // l_pid is -1 for open-file-description locks, which have no owning process.
-        Ok(_) if i32::from(probe.l_type) != libc::F_UNLCK && probe.l_pid > 0 => LockHolder::Pid { pid: probe.l_pid },
+        Ok(_) if i32::from(probe.l_type) != libc::F_UNLCK && probe.l_pid > 0 => {
+            LockHolder::Pid { pid: probe.l_pid }
+        }
         _ => LockHolder::Unknown,
     }
 }
@@ -154,7 +166,9 @@ fn try_link_lock(own: &Path, lock: &Path) -> Result<Option<LockHolder>, SubidErr
     // The holder is dead, or is us: our own threads are kept apart by LocalGuard, so a lock
     // with our PID is left over (e.g. a PID reused after a crash and reboot).
     let stale = match holder {
-        LockHolder::Pid { pid } => pid == std::process::id() as i32 || kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH),
+        LockHolder::Pid { pid } => {
+            pid == std::process::id() as i32 || kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
+        }
         _ => false,
     };
     if !stale {
@@ -187,7 +201,9 @@ fn write_pid_file(path: &Path) -> io::Result<()> {
 
 /// A link count other than 2 means someone else linked to our file too: not ours.
 fn check_link_count(own: &Path, lock: &Path) -> Result<(), SubidError> {
-    let nlink = fs::metadata(own).map_err(|source| SubidError::Io { op: "inspecting", path: own.to_owned(), source })?.nlink();
+    let nlink = fs::metadata(own)
+        .map_err(|source| SubidError::Io { op: "inspecting", path: own.to_owned(), source })?
+        .nlink();
     if nlink == 2 {
         return Ok(());
     }
@@ -198,11 +214,12 @@ fn check_link_count(own: &Path, lock: &Path) -> Result<(), SubidError> {
 
 /// `Ok(None)` when the lock file no longer exists.
 fn read_holder(lock: &Path) -> io::Result<Option<LockHolder>> {
-    let mut file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(lock) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
+    let mut file =
+        match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(lock) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
     let mut buf = Vec::new();
     Read::by_ref(&mut file).take(32).read_to_end(&mut buf)?;
     let text = buf.split(|&b| b == 0).next().unwrap_or_default();

@@ -28,7 +28,9 @@ impl Limits {
         let prefix = kind.login_defs_prefix();
         let mut limits = Limits::DEFAULT;
         for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            let Some((key, value)) = split_line(line) else { continue };
+            let Some((key, value)) = split_line(line) else {
+                continue;
+            };
             let slot = match key.strip_prefix(prefix.as_bytes()) {
                 Some(b"_MIN") => &mut limits.min,
                 Some(b"_MAX") => &mut limits.max,
@@ -43,7 +45,12 @@ impl Limits {
             })?;
         }
         if limits.min > limits.max {
-            return Err(SubidError::LimitsInverted { path: path.to_owned(), prefix, min: limits.min, max: limits.max });
+            return Err(SubidError::LimitsInverted {
+                path: path.to_owned(),
+                prefix,
+                min: limits.min,
+                max: limits.max,
+            });
         }
         Ok(limits)
     }
@@ -103,13 +110,16 @@ mod tests {
         let limits = parse(text, IdKind::Uid).unwrap();
         assert_eq!(limits, Limits { min: 200_000, max: 300_000, count: 1000 });
         assert_eq!(parse(text, IdKind::Gid).unwrap(), Limits { min: 7, ..Limits::DEFAULT });
-        assert_eq!(parse("SUB_GID_MAX 0777\n", IdKind::Gid).unwrap().max, 0o777);
+        assert_eq!(parse("SUB_GID_MIN 0\nSUB_GID_MAX 0777\n", IdKind::Gid).unwrap().max, 0o777);
     }
 
     #[test]
     fn bad_value_fails_closed_with_line() {
         let err = parse("UID_MIN 1000\nSUB_UID_MIN 10k\n", IdKind::Uid).unwrap_err();
-        assert_eq!(err.to_string(), "/etc/login.defs:2: SUB_UID_MIN \"10k\" is not a number from 0 to 4294967295");
+        assert_eq!(
+            err.to_string(),
+            "/etc/login.defs:2: SUB_UID_MIN \"10k\" is not a number from 0 to 4294967295"
+        );
         let err = parse("SUB_UID_MIN 10\nSUB_UID_MAX 9\n", IdKind::Uid).unwrap_err();
         assert_eq!(err.to_string(), "/etc/login.defs: SUB_UID_MIN (10) is above SUB_UID_MAX (9)");
     }

@@ -164,7 +164,8 @@ pub fn ensure(
         // Like shadow-utils: the backup is the previous file with its owner, mode and label.
         Some((old, meta)) => {
             let backup = lock::with_suffix(&path, "-");
-            fsutil::replace_file_with_meta(&backup, old, meta).map_err(|e| io_error("replacing", &backup, e))?;
+            fsutil::replace_file_with_meta(&backup, old, meta)
+                .map_err(|e| io_error("replacing", &backup, e))?;
             meta.clone()
         }
         None => FileMeta::new_file(0o644),
@@ -190,7 +191,8 @@ fn check_user(user: &RunnerUser) -> Result<(), SubidError> {
 
 /// The file's bytes and metadata, `None` if it does not exist. Never follows a symlink.
 fn read_current(path: &Path) -> Result<Option<(Vec<u8>, FileMeta)>, SubidError> {
-    let Some(mut file) = fsutil::open_regular_nofollow(path).map_err(|e| io_error("opening", path, e))? else {
+    let Some(mut file) = fsutil::open_regular_nofollow(path).map_err(|e| io_error("opening", path, e))?
+    else {
         return Ok(None);
     };
     let read = |file: &mut File| -> io::Result<(Vec<u8>, FileMeta)> {
@@ -198,7 +200,11 @@ fn read_current(path: &Path) -> Result<Option<(Vec<u8>, FileMeta)>, SubidError> 
         file.read_to_end(&mut bytes)?;
         Ok((bytes, FileMeta::of(file)?))
     };
-    read(&mut file).map(Some).map_err(|source| SubidError::Io { op: "reading", path: path.to_owned(), source })
+    read(&mut file).map(Some).map_err(|source| SubidError::Io {
+        op: "reading",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn io_error(op: &'static str, path: &Path, source: io::Error) -> SubidError {

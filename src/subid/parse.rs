@@ -106,12 +106,13 @@ fn parse_entry(line: &[u8], content: &[u8]) -> Result<(String, IdRange), LinePro
         return Err(LineProblem::PastEnd { start, count });
     }
     // Only "0:4294967296" gets here with a count above u32::MAX; IdRange cannot hold it.
-    let count = u32::try_from(count).map_err(|_| LineProblem::TooLarge { field: "count", value: count.to_string() })?;
+    let count = u32::try_from(count)
+        .map_err(|_| LineProblem::TooLarge { field: "count", value: count.to_string() })?;
     let range = IdRange { start: start as u32, count };
     Ok((String::from_utf8_lossy(owner).into_owned(), range))
 }
 
-/// Digits only, at most 2^32; no sign, spaces, hex or leading zeros.
+/// Decimal digits only (no sign, spaces, hex or leading zeros), at most ten of them.
 fn parse_decimal(field: &'static str, value: &[u8]) -> Result<u64, LineProblem> {
     let text = || String::from_utf8_lossy(value).into_owned();
     if !value.iter().all(u8::is_ascii_digit) {

@@ -26,14 +26,6 @@ impl Json {
         }
     }
 
-    /// Looks up a key of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
     /// Pretty-printed like Go's `json.MarshalIndent(v, "", "  ")`, without a trailing newline.
     pub fn to_pretty(&self) -> String {
         let mut out = String::new();

@@ -17,6 +17,7 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 }
 
 /// Decompresses a gzip member.
+#[cfg(test)]
 pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(data), &mut out)?;

@@ -1,6 +1,7 @@
 //! The build machine: root check, Debian packages via apt-get, running commands, building the agent.
 
 use anyhow::{bail, Context, Result};
+use std::borrow::BorrowMut;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -62,7 +63,8 @@ pub fn show(cmd: &Command) -> String {
 }
 
 /// Runs a command with inherited stdio; fails on a non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub fn run(mut cmd: impl BorrowMut<Command>) -> Result<()> {
+    let cmd = cmd.borrow_mut();
     let status = cmd.status().with_context(|| format!("cannot start `{}`", show(cmd)))?;
     if !status.success() {
         bail!("`{}` failed: {status}", show(cmd));
@@ -70,23 +72,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs a command and captures its output; fails on a non-zero exit, quoting stderr.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = capture(cmd)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}\n{}{}",
-            show(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8 output", show(cmd)))
-}
-
 /// Runs a command with stdin closed and captures stdout and stderr, whatever the exit status.
-pub fn capture(cmd: &mut Command) -> Result<Output> {
+pub fn capture(mut cmd: impl BorrowMut<Command>) -> Result<Output> {
+    let cmd = cmd.borrow_mut();
     cmd.stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot start `{}`", show(cmd)))

@@ -277,6 +277,34 @@ fn replace_unit_block(source: &str, unit: &str, contents: &str) -> Result<String
     Ok(out)
 }
 
+/// Text surgery on the `.bu`: the `source:` and `hash:` lines of the agent binary's entry.
+fn set_binary_source(source: &str, url: &str, hash: &str) -> Result<String> {
+    let mut lines: Vec<String> = source.split_inclusive('\n').map(str::to_string).collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == format!("- path: {AGENT_PATH}"))
+        .with_context(|| format!("no `- path: {AGENT_PATH}` line in the Butane source"))?;
+    let item_indent = indent(&lines[start]);
+    let (mut set_source, mut set_hash) = (false, false);
+    for line in lines.iter_mut().skip(start + 1) {
+        if !line.trim().is_empty() && indent(line) <= item_indent {
+            break;
+        }
+        let pad = " ".repeat(indent(line));
+        if line.trim_start().starts_with("source:") {
+            *line = format!("{pad}source: {url}\n");
+            set_source = true;
+        } else if line.trim_start().starts_with("hash:") {
+            *line = format!("{pad}hash: {hash}\n");
+            set_hash = true;
+        }
+    }
+    if !(set_source && set_hash) {
+        bail!("the {AGENT_PATH} entry of the Butane source needs `source:` and `verification.hash:` lines");
+    }
+    Ok(lines.concat())
+}
+
 fn indent(line: &str) -> usize {
     line.len() - line.trim_start_matches(' ').len()
 }
@@ -292,8 +320,11 @@ pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
         .and_then(|v| v.as_str())
         .context("Cargo.toml has no package.version")?
         .to_string();
-    let old = Release::load()?;
-    let url_base = url_base.unwrap_or(old.url_base.clone());
+    let url_base = match (url_base, Release::load()) {
+        (Some(u), _) => u,
+        (None, Ok(old)) => old.url_base,
+        (None, Err(e)) => return Err(e.context("no release.toml to take the URL base from: pass --url-base")),
+    };
     let url_base = url_base.trim_end_matches('/').to_string();
     if !url_base.starts_with("https://") {
         bail!("the release URL base must be https:// (got {url_base})");
@@ -319,9 +350,7 @@ pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
         size: data.len() as u64,
     };
     let source = host::read_string(butane_path())?;
-    let updated = source
-        .replacen(&format!("source: {}", old.url), &format!("source: {}", new.url), 1)
-        .replacen(&format!("hash: sha512-{}", old.sha512), &format!("hash: sha512-{}", new.sha512), 1);
+    let updated = set_binary_source(&source, &new.url, &format!("sha512-{}", new.sha512))?;
     host::write(release_path(), new.render())?;
     host::write(butane_path(), updated)?;
     cmd_ignition(false)?;
@@ -374,6 +403,16 @@ mod tests {
         assert_eq!(toml::from_str::<Release>(&r.render()).unwrap(), r);
         assert_eq!(r.url, format!("{}/v{}/{}", r.url_base, r.version, r.file));
         assert_eq!(r.sha512.len(), 128);
+    }
+
+    #[test]
+    fn dist_rewrites_only_the_binary_entry() {
+        let src = "storage:\n  files:\n    - path: /usr/local/bin/executor-agent\n      contents:\n        source: https://a/old\n        verification:\n          hash: sha512-old\n    - path: /etc/x\n      contents:\n        source: https://keep\n";
+        let out = set_binary_source(src, "https://a/new", "sha512-new").unwrap();
+        assert!(out.contains("        source: https://a/new\n"));
+        assert!(out.contains("          hash: sha512-new\n"));
+        assert!(out.contains("source: https://keep"));
+        assert!(set_binary_source("storage: {}\n", "u", "h").is_err());
     }
 
     #[test]
