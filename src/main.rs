@@ -1,11 +1,18 @@
 //! executor-agent: keeps a Fedora CoreOS node ready for rootless Podman CI jobs.
 
 use clap::Parser;
-use executor_agent::{cli::Cli, commands, journal};
+use executor_agent::cli::{Cli, Command};
+use executor_agent::{commands, journal};
 use std::process::ExitCode;
+
+enum CommandKind {
+    Daemon,
+    OneShot,
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command_kind = if matches!(cli.command, Command::Run) { CommandKind::Daemon } else { CommandKind::OneShot };
     journal::init();
     if let Err(e) = commands::check_privileges(&cli) {
         eprintln!("error: {e:#}");
@@ -23,11 +30,21 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let chain = journal::chain(&e);
-            tracing::error!("error: {chain}");
+            if matches!(command_kind, CommandKind::Daemon) {
+                tracing::error!("error: {chain}");
+            } else {
+                eprintln!("error: {chain}");
+            }
             if std::env::var_os("NOTIFY_SOCKET").is_some() {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!("failed: {chain}"))]);
             }
-            ExitCode::FAILURE
+            // EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from restarting
+            // into the same bad configuration; the status line says what to fix.
+            if e.chain().any(|cause| cause.is::<executor_agent::config::ConfigError>()) {
+                ExitCode::from(78)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

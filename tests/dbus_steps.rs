@@ -260,7 +260,11 @@ async fn two_jobs_on_one_connection() {
     let conn = d.client().await;
     let manager = systemd::manager(&conn).await.unwrap();
     bounded(systemd::stop(&manager, SERVICE, TIMEOUT)).await.expect("first job");
-    bounded(systemd::start(&manager, SERVICE, TIMEOUT)).await.expect("second job on the same connection");
+    eprintln!("DBG direct {:?}", manager.subscribe().await);
+    eprintln!("DBG direct {:?}", manager.reset_failed_unit("nope".into()).await);
+    let r = bounded(systemd::start(&manager, SERVICE, TIMEOUT)).await;
+    eprintln!("DBG {:?} {:?} {:?}", r, d.calls(), d.world().subscribers);
+    r.expect("second job on the same connection");
     assert_eq!(d.unit(SERVICE).active_state, "active");
 }
 

@@ -82,7 +82,6 @@ impl Bus {
 
     pub async fn connect(&self) -> Connection {
         zbus::connection::Builder::address(self.address.as_str())
-            .expect("bus address")
             .build()
             .await
             .expect("connecting to the private bus")
@@ -579,7 +578,6 @@ impl Doubles {
         let bus = Bus::start();
         let world = Shared::new(Mutex::new(World { logind_start_delay: Duration::from_millis(50), ..World::default() }));
         let systemd = zbus::connection::Builder::address(bus.address.as_str())
-            .expect("bus address")
             .name(SYSTEMD_NAME)
             .serve_at(SYSTEMD_PATH, SystemdManager { world: world.clone() })
             .build()
@@ -591,7 +589,6 @@ impl Doubles {
     /// Puts logind on the bus (again).
     pub async fn start_logind(&mut self) {
         let logind = zbus::connection::Builder::address(self.bus.address.as_str())
-            .expect("bus address")
             .name(LOGIND_NAME)
             .serve_at(LOGIND_PATH, LogindManager { world: self.world.clone(), systemd: self.systemd.clone() })
             .build()
