@@ -15,6 +15,12 @@ use crate::watch::{FileWatcher, UserWatch, WatchedDir};
 
 /// The loop wakes at least this often to prove it is alive (healthz, watchdog).
 const TICK: Duration = Duration::from_secs(5);
+/// A pass that takes longer than this is abandoned (its helpers killed) so the loop goes on.
+pub fn pass_limit(settings: &crate::config::Settings) -> Duration {
+    // Linger's start job, then podman.socket's stop and restart jobs, then two API requests.
+    settings.user_manager_timeout * 4 + settings.podman_api_timeout * 2
+}
+
 /// Events often come in bursts (a rename is a delete and a create): wait this long for more.
 const COALESCE: Duration = Duration::from_millis(20);
 
@@ -152,6 +158,41 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// Inspects, publishes what it saw (so drift shows as "not ready" to probes before the
+/// repair), repairs, and publishes again.
+async fn one_pass(
+    cx: &Context,
+    steps: &[Step],
+    backoff: &mut HashMap<Step, Backoff>,
+    checks: &mut CheckSet,
+    snapshot: &watch::Sender<Snapshot>,
+    status_line: &mut String,
+) {
+    let seen = steps::inspect_all(cx, steps).await;
+    let observed: Vec<Observation> = seen.iter().flat_map(|(_, i)| i.observations.clone()).collect();
+    publish(checks, observed, snapshot, status_line);
+    let pass = repair_pass(cx, steps, seen, backoff).await;
+    for (step, change) in &pass.changes {
+        tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
+    }
+    publish(checks, observations(&pass), snapshot, status_line);
+}
+
+/// Sends WATCHDOG=1 while the main loop keeps ticking; a loop stuck for longer than `stall`
+/// (a pass is bounded well below it) stops the pings, and systemd restarts the agent.
+async fn keep_watchdog_fed(snapshot: watch::Receiver<Snapshot>, every: Duration, stall: Duration) {
+    let mut interval = tokio::time::interval(every);
+    loop {
+        interval.tick().await;
+        let age = snapshot.borrow().heartbeat.elapsed();
+        if age < stall {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("main loop stalled for {}s; letting the watchdog restart the agent", age.as_secs());
+        }
+    }
+}
+
 /// Records observations, logs check and readiness transitions, and tells probes and systemd.
 fn publish(
     checks: &mut CheckSet,
@@ -215,6 +256,7 @@ pub async fn run(cx: Context) -> Result<()> {
         user: cx.user.name.clone(),
         uid: cx.user.uid,
         socket: steps::podman_socket::socket_path(&cx).display().to_string(),
+        liveness_limit: pass_limit(&cx.settings) + TICK * 2,
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -235,7 +277,9 @@ pub async fn run(cx: Context) -> Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let tick = sd_notify::watchdog_enabled().map_or(TICK, |w| (w / 2).min(TICK));
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(keep_watchdog_fed(snapshot_tx.subscribe(), interval / 2, pass_limit(&cx.settings) + TICK * 2));
+    }
 
     let mut checks = CheckSet::pending(SystemTime::now());
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
@@ -253,20 +297,20 @@ pub async fn run(cx: Context) -> Result<()> {
                 tokio::time::sleep(COALESCE).await;
                 true
             }
-            _ = tokio::time::sleep_until(pass_due.min(now + tick).into()) => false,
+            _ = tokio::time::sleep_until(pass_due.min(now + TICK).into()) => false,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
         if woken || first_pass || Instant::now() >= pass_due {
-            // Publish what is seen before repairing, so drift shows as "not ready" to probes.
-            let seen = steps::inspect_all(&cx, &steps).await;
-            let observed: Vec<Observation> = seen.iter().flat_map(|(_, i)| i.observations.clone()).collect();
-            publish(&mut checks, observed, &snapshot_tx, &mut status_line);
-            let pass = repair_pass(&cx, &steps, seen, &mut backoff).await;
-            for (step, change) in &pass.changes {
-                tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
+            let limit = pass_limit(&cx.settings);
+            let pass = one_pass(&cx, &steps, &mut backoff, &mut checks, &snapshot_tx, &mut status_line);
+            if tokio::time::timeout(limit, pass).await.is_err() {
+                tracing::warn!(
+                    message_id = journal::REPAIR_FAILED,
+                    "error: a pass took longer than {}; abandoned it",
+                    humantime::format_duration(limit)
+                );
             }
-            publish(&mut checks, observations(&pass), &snapshot_tx, &mut status_line);
             if first_pass {
                 tracing::info!(
                     message_id = journal::AGENT_LIFECYCLE,
@@ -287,7 +331,6 @@ pub async fn run(cx: Context) -> Result<()> {
             }
         }
         snapshot_tx.send_replace(Snapshot { checks: checks.clone(), heartbeat: Instant::now() });
-        notify(&[sd_notify::NotifyState::Watchdog]);
     }
 
     tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");

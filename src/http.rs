@@ -13,9 +13,6 @@ use tokio::sync::watch;
 
 use crate::checks::{Check, CheckSet};
 
-/// The main loop must have ticked within this long for `/healthz` to say it is alive.
-pub const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
-
 /// What the main loop publishes after every pass.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -30,6 +27,8 @@ pub struct AppState {
     pub user: String,
     pub uid: u32,
     pub socket: String,
+    /// The main loop must have ticked within this long for `/healthz` to say it is alive.
+    pub liveness_limit: Duration,
 }
 
 #[derive(Serialize)]
@@ -62,7 +61,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     let age = state.snapshot.borrow().heartbeat.elapsed();
-    if age < LIVENESS_LIMIT {
+    if age < state.liveness_limit {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("main loop has not run for {}s\n", age.as_secs()))
@@ -104,6 +103,8 @@ mod tests {
     use std::time::SystemTime;
     use tower::ServiceExt;
 
+    const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
+
     fn state(checks: CheckSet, heartbeat: Instant) -> (watch::Sender<Snapshot>, Arc<AppState>) {
         let (tx, rx) = watch::channel(Snapshot { checks, heartbeat });
         let state = AppState {
@@ -112,6 +113,7 @@ mod tests {
             user: "core".into(),
             uid: 1000,
             socket: "/run/user/1000/podman/podman.sock".into(),
+            liveness_limit: LIVENESS_LIMIT,
         };
         (tx, Arc::new(state))
     }

@@ -148,7 +148,7 @@ pub async fn ensure(user: &Account, unit: &str, restart: bool, timeout: Duration
         args.push("--restart");
     }
     // Leave the helper time to report its own timeout before ours fires.
-    call_as(user, &args, timeout * 3 + Duration::from_secs(2)).await
+    call_as(user, &args, timeout * 2 + Duration::from_secs(2)).await
 }
 
 /// A running `user-manager watch` helper; each line it prints is a wake-up for the daemon.

@@ -126,7 +126,10 @@ async fn start_catches_a_job_removed_sent_before_the_method_reply() {
     let (signal, reply) = arrival_of(&received(&mut raw).await, &job_path(1));
     assert!(signal < reply, "JobRemoved arrived after the StartUnit reply: the test proves nothing");
     assert_eq!(d.calls(), ["Subscribe", "StartUnit podman.socket replace"]);
-    assert_eq!(d.events(), ["job 1 start podman.socket queued by StartUnit", "job 1 start podman.socket done"]);
+    assert_eq!(
+        d.events(),
+        ["job 1 start podman.socket queued by StartUnit", "job 1 start podman.socket done"]
+    );
     assert_eq!(d.unit(SOCKET).active_state, "active");
 }
 
@@ -214,7 +217,10 @@ async fn a_job_removed_for_another_job_is_ignored() {
     let manager = systemd::manager(&conn).await.unwrap();
     let err = bounded(systemd::start(&manager, SOCKET, Duration::from_millis(300))).await.unwrap_err();
     assert_eq!(err.to_string(), "starting podman.socket: no result within 300ms");
-    assert_eq!(d.events(), ["job 1 start podman.socket queued by StartUnit", "decoy JobRemoved 101 podman.socket done"]);
+    assert_eq!(
+        d.events(),
+        ["job 1 start podman.socket queued by StartUnit", "decoy JobRemoved 101 podman.socket done"]
+    );
 }
 
 #[tokio::test]
@@ -238,7 +244,10 @@ async fn stop_and_restart_queue_their_own_jobs() {
     let conn = d.client().await;
     let manager = systemd::manager(&conn).await.unwrap();
     bounded(systemd::stop(&manager, SERVICE, TIMEOUT)).await.expect("stop");
-    assert_eq!((d.unit(SERVICE).active_state.as_str(), d.unit(SERVICE).sub_state.as_str()), ("inactive", "dead"));
+    assert_eq!(
+        (d.unit(SERVICE).active_state.as_str(), d.unit(SERVICE).sub_state.as_str()),
+        ("inactive", "dead")
+    );
 
     let conn = d.client().await;
     let manager = systemd::manager(&conn).await.unwrap();
@@ -252,7 +261,8 @@ async fn stop_and_restart_queue_their_own_jobs() {
 }
 
 /// systemd refuses a second `Subscribe` from the same connection with
-/// `org.freedesktop.systemd1.AlreadySubscribed` (core/dbus-manager.c, method_subscribe).
+/// `org.freedesktop.systemd1.AlreadySubscribed` (core/dbus-manager.c, method_subscribe), and so
+/// does the double: the second job must not fail on it.
 #[tokio::test]
 async fn two_jobs_on_one_connection() {
     let d = Doubles::without_logind().await;
@@ -260,12 +270,18 @@ async fn two_jobs_on_one_connection() {
     let conn = d.client().await;
     let manager = systemd::manager(&conn).await.unwrap();
     bounded(systemd::stop(&manager, SERVICE, TIMEOUT)).await.expect("first job");
-    eprintln!("DBG direct {:?}", manager.subscribe().await);
-    eprintln!("DBG direct {:?}", manager.reset_failed_unit("nope".into()).await);
-    let r = bounded(systemd::start(&manager, SERVICE, TIMEOUT)).await;
-    eprintln!("DBG {:?} {:?} {:?}", r, d.calls(), d.world().subscribers);
-    r.expect("second job on the same connection");
+    bounded(systemd::start(&manager, SERVICE, TIMEOUT)).await.expect("second job on the same connection");
     assert_eq!(d.unit(SERVICE).active_state, "active");
+    assert_eq!(
+        d.calls(),
+        ["Subscribe", "StopUnit podman.service replace", "Subscribe", "StartUnit podman.service replace"]
+    );
+    // The double did refuse the second Subscribe.
+    let conn = d.client().await;
+    let manager = systemd::manager(&conn).await.unwrap();
+    manager.subscribe().await.expect("first Subscribe of a new connection");
+    let err = manager.subscribe().await.unwrap_err();
+    assert_eq!(err.to_string(), "org.freedesktop.systemd1.AlreadySubscribed: Client is already subscribed.");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -463,7 +479,11 @@ async fn linger_converge_returns_only_once_the_user_manager_is_active() {
     bounded(Step::Linger.converge(&cx)).await.expect("converge");
     let took = started.elapsed();
     // Read before anything else can run: logind's start must be over when converge returns.
-    assert_eq!(d.unit(USER_MANAGER).active_state, "active", "converge returned before the user manager was up");
+    assert_eq!(
+        d.unit(USER_MANAGER).active_state,
+        "active",
+        "converge returned before the user manager was up"
+    );
     assert!(took >= Duration::from_millis(300), "converge returned after {took:?}");
     assert_eq!(
         d.events(),

@@ -94,14 +94,20 @@ fn read_trimmed(path: &str) -> Result<String> {
 
 /// The kernel refuses a start above the low end of the local port range (EINVAL).
 fn validate(wanted: u16) -> Result<()> {
-    let range = read_trimmed(LOCAL_PORT_RANGE)?;
-    let low: u32 = range
+    validate_against(wanted, &read_trimmed(LOCAL_PORT_RANGE)?)
+}
+
+fn validate_against(wanted: u16, local_port_range: &str) -> Result<()> {
+    let low: u32 = local_port_range
         .split_whitespace()
         .next()
         .and_then(|v| v.parse().ok())
-        .context("parsing ip_local_port_range")?;
+        .with_context(|| format!("cannot parse ip_local_port_range {local_port_range:?}"))?;
     if u32::from(wanted) > low {
-        bail!("{KEY}={wanted} is above the low end of net.ipv4.ip_local_port_range ({range}); the kernel would reject it");
+        bail!(
+            "{KEY}={wanted} is above the low end of net.ipv4.ip_local_port_range ({local_port_range}); \
+             the kernel would reject it"
+        );
     }
     Ok(())
 }
@@ -228,6 +234,15 @@ mod tests {
         // A same-named file in /etc hides the vendor one.
         write(&root, "/etc/sysctl.d/99-vendor.conf", "kernel.panic = 10\n");
         assert_eq!(find_override(&root, 80), None);
+    }
+
+    #[test]
+    fn refuses_a_start_above_the_local_port_range() {
+        assert!(validate_against(80, "32768\t60999").is_ok());
+        assert!(validate_against(32768, "32768\t60999").is_ok());
+        let err = validate_against(40000, "32768\t60999").unwrap_err().to_string();
+        assert!(err.contains("40000 is above the low end"), "{err}");
+        assert!(validate_against(80, "garbage").is_err());
     }
 
     #[test]

@@ -157,7 +157,11 @@ impl Unit {
 
     /// What systemd answers for a name with no unit file.
     pub fn not_found() -> Unit {
-        Unit { load_state: "not-found".into(), unit_file_state: String::new(), ..Unit::loaded("", "inactive", "dead") }
+        Unit {
+            load_state: "not-found".into(),
+            unit_file_state: String::new(),
+            ..Unit::loaded("", "inactive", "dead")
+        }
     }
 
     /// A unit linked to /dev/null.
@@ -288,7 +292,11 @@ async fn carry_out(world: Shared, systemd: Connection, job: Job, plan: JobPlan) 
         let emitter = SignalEmitter::new(&systemd, SYSTEMD_PATH).expect("manager path");
         if let Some(result) = plan.decoy {
             let other = Job { id: job.id + 100, ..job.clone() };
-            world.lock().unwrap().events.push(format!("decoy JobRemoved {} {} {result}", other.id, other.unit));
+            world
+                .lock()
+                .unwrap()
+                .events
+                .push(format!("decoy JobRemoved {} {} {result}", other.id, other.unit));
             SystemdManager::job_removed(&emitter, other.id, other.path(), &other.unit, result)
                 .await
                 .expect("sending the decoy JobRemoved");
@@ -337,7 +345,14 @@ pub struct SystemdManager {
 impl SystemdManager {
     /// StartUnit, StopUnit and RestartUnit: queue a job (or merge into the unit's pending job of
     /// the same kind, as systemd does with mode "replace") and return its path.
-    async fn queue(&self, conn: &Connection, method: &str, unit: String, mode: String, kind: JobKind) -> Result<OwnedObjectPath, SystemdError> {
+    async fn queue(
+        &self,
+        conn: &Connection,
+        method: &str,
+        unit: String,
+        mode: String,
+        kind: JobKind,
+    ) -> Result<OwnedObjectPath, SystemdError> {
         let (job, plan) = {
             let mut world = self.world.lock().unwrap();
             world.call(format!("{method} {unit} {mode}"));
@@ -362,7 +377,11 @@ impl SystemdManager {
 
 #[interface(name = "org.freedesktop.systemd1.Manager")]
 impl SystemdManager {
-    async fn load_unit(&self, name: String, #[zbus(object_server)] server: &ObjectServer) -> zbus::fdo::Result<OwnedObjectPath> {
+    async fn load_unit(
+        &self,
+        name: String,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
         {
             let mut world = self.world.lock().unwrap();
             world.call(format!("LoadUnit {name}"));
@@ -373,22 +392,40 @@ impl SystemdManager {
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 
-    async fn start_unit(&self, name: String, mode: String, #[zbus(connection)] conn: &Connection) -> Result<OwnedObjectPath, SystemdError> {
+    async fn start_unit(
+        &self,
+        name: String,
+        mode: String,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, SystemdError> {
         self.queue(conn, "StartUnit", name, mode, JobKind::Start).await
     }
 
-    async fn stop_unit(&self, name: String, mode: String, #[zbus(connection)] conn: &Connection) -> Result<OwnedObjectPath, SystemdError> {
+    async fn stop_unit(
+        &self,
+        name: String,
+        mode: String,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, SystemdError> {
         self.queue(conn, "StopUnit", name, mode, JobKind::Stop).await
     }
 
-    async fn restart_unit(&self, name: String, mode: String, #[zbus(connection)] conn: &Connection) -> Result<OwnedObjectPath, SystemdError> {
+    async fn restart_unit(
+        &self,
+        name: String,
+        mode: String,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, SystemdError> {
         self.queue(conn, "RestartUnit", name, mode, JobKind::Restart).await
     }
 
     fn reset_failed_unit(&self, name: String) -> Result<(), SystemdError> {
         let mut world = self.world.lock().unwrap();
         world.call(format!("ResetFailedUnit {name}"));
-        let unit = world.units.get_mut(&name).ok_or_else(|| SystemdError::NoSuchUnit(format!("Unit {name} not loaded.")))?;
+        let unit = world
+            .units
+            .get_mut(&name)
+            .ok_or_else(|| SystemdError::NoSuchUnit(format!("Unit {name} not loaded.")))?;
         if unit.active_state == "failed" {
             unit.active_state = "inactive".into();
             unit.sub_state = "dead".into();
@@ -396,7 +433,12 @@ impl SystemdManager {
         Ok(())
     }
 
-    fn enable_unit_files(&self, files: Vec<String>, runtime: bool, force: bool) -> (bool, Vec<(String, String, String)>) {
+    fn enable_unit_files(
+        &self,
+        files: Vec<String>,
+        runtime: bool,
+        force: bool,
+    ) -> (bool, Vec<(String, String, String)>) {
         let mut world = self.world.lock().unwrap();
         world.call(format!("EnableUnitFiles {} {runtime} {force}", files.join(",")));
         let mut changes = Vec::new();
@@ -404,7 +446,11 @@ impl SystemdManager {
             let unit = world.unit(&file);
             if unit.load_state == "loaded" {
                 unit.unit_file_state = "enabled".into();
-                changes.push(("symlink".into(), format!("/etc/systemd/user/sockets.target.wants/{file}"), format!("/usr/lib/systemd/user/{file}")));
+                changes.push((
+                    "symlink".into(),
+                    format!("/etc/systemd/user/sockets.target.wants/{file}"),
+                    format!("/usr/lib/systemd/user/{file}"),
+                ));
             }
         }
         (false, changes)
@@ -425,7 +471,13 @@ impl SystemdManager {
     }
 
     #[zbus(signal)]
-    async fn job_removed(emitter: &SignalEmitter<'_>, id: u32, job: OwnedObjectPath, unit: &str, result: &str) -> zbus::Result<()>;
+    async fn job_removed(
+        emitter: &SignalEmitter<'_>,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// `org.freedesktop.systemd1.Unit` at `/org/freedesktop/systemd1/unit/<escaped name>`: one
@@ -496,7 +548,11 @@ pub struct LogindManager {
 
 #[interface(name = "org.freedesktop.login1.Manager")]
 impl LogindManager {
-    async fn get_user(&self, uid: u32, #[zbus(object_server)] server: &ObjectServer) -> Result<OwnedObjectPath, LogindError> {
+    async fn get_user(
+        &self,
+        uid: u32,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, LogindError> {
         let known = {
             let mut world = self.world.lock().unwrap();
             world.call(format!("GetUser {uid}"));
@@ -509,13 +565,22 @@ impl LogindManager {
         Ok(OwnedObjectPath::try_from(user_path(uid)).map_err(zbus::Error::from)?)
     }
 
-    async fn set_user_linger(&self, uid: u32, enable: bool, interactive: bool, #[zbus(object_server)] server: &ObjectServer) -> Result<(), LogindError> {
+    async fn set_user_linger(
+        &self,
+        uid: u32,
+        enable: bool,
+        interactive: bool,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(), LogindError> {
         let unit = format!("user@{uid}.service");
         let queued = {
             let mut world = self.world.lock().unwrap();
             world.call(format!("SetUserLinger {uid} {enable} {interactive}"));
             world.users.insert(uid, enable);
-            let startable = world.units.get(&unit).is_some_and(|u| u.load_state == "loaded" && u.active_state != "active");
+            let startable = world
+                .units
+                .get(&unit)
+                .is_some_and(|u| u.load_state == "loaded" && u.active_state != "active");
             if enable && startable && !world.pending.contains_key(&unit) {
                 // logind asks systemd to start the user's manager and returns at once.
                 let job = world.new_job(&unit, JobKind::Start);
@@ -576,7 +641,10 @@ impl Doubles {
     /// systemd only: logind is not on the bus.
     pub async fn without_logind() -> Doubles {
         let bus = Bus::start();
-        let world = Shared::new(Mutex::new(World { logind_start_delay: Duration::from_millis(50), ..World::default() }));
+        let world = Shared::new(Mutex::new(World {
+            logind_start_delay: Duration::from_millis(50),
+            ..World::default()
+        }));
         let systemd = zbus::connection::Builder::address(bus.address.as_str())
             .name(SYSTEMD_NAME)
             .serve_at(SYSTEMD_PATH, SystemdManager { world: world.clone() })
