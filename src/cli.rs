@@ -63,4 +63,9 @@ pub enum UserManagerCommand {
     },
     /// Print the units' states as JSON lines whenever they change.
     Watch { units: Vec<String> },
+    /// Run `podman system migrate` as a transient service of the user's manager.
+    Migrate {
+        #[arg(long, default_value = "2m")]
+        timeout: humantime::Duration,
+    },
 }

@@ -90,15 +90,21 @@ where
     }
 }
 
+/// True when `error` is the D-Bus error `name` (zbus reports well-known ones as `FDO`).
+pub fn is_dbus_error(error: &zbus::Error, name: &str) -> bool {
+    use zbus::DBusError;
+    match error {
+        zbus::Error::MethodError(error_name, _, _) => error_name.as_str() == name,
+        zbus::Error::FDO(fdo) => fdo.name().as_str() == name,
+        _ => false,
+    }
+}
+
 /// Asks systemd to send job and unit signals; a connection that already asked is fine.
 pub async fn subscribe(manager: &ManagerProxy<'_>) -> Result<()> {
     match manager.subscribe().await {
         Ok(()) => Ok(()),
-        Err(zbus::Error::MethodError(name, _, _))
-            if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" =>
-        {
-            Ok(())
-        }
+        Err(e) if is_dbus_error(&e, "org.freedesktop.systemd1.AlreadySubscribed") => Ok(()),
         Err(e) => Err(e).context("subscribing to systemd's signals"),
     }
 }

@@ -66,6 +66,26 @@ pub async fn ensure_socket(
     Ok(EnsureReport { changes, state })
 }
 
+/// Runs a command as a transient oneshot service of the user's manager and waits for it.
+/// Running it there rather than as the agent's child keeps it out of the agent's sandbox
+/// (Podman needs user namespaces and setuid newuidmap, which the agent's unit forbids).
+pub async fn run_transient(conn: &zbus::Connection, unit: &str, argv: &[String], timeout: Duration) -> Result<()> {
+    use zbus::{OwnedVariant, Variant};
+    let manager = systemd::manager(conn).await?;
+    let program = argv.first().context("empty command")?.clone();
+    let variant = |v: Variant<'_>| OwnedVariant::try_from(v).map_err(anyhow::Error::from);
+    let properties = vec![
+        ("Description".to_string(), variant(Variant::from(format!("executor-agent: {}", argv.join(" "))))?),
+        ("Type".to_string(), variant(Variant::from("oneshot"))?),
+        ("CollectMode".to_string(), variant(Variant::from("inactive-or-failed"))?),
+        ("ExecStart".to_string(), variant(Variant::from(vec![(program, argv.to_vec(), false)]))?),
+    ];
+    systemd::run_job(&manager, &format!("running {} in the user manager", argv.join(" ")), timeout, || {
+        manager.start_transient_unit(unit.to_string(), "replace".into(), properties, vec![])
+    })
+    .await
+}
+
 /// Prints one JSON line of unit states whenever one of them may have changed, until the bus
 /// goes away (the user manager stopped). Run as the user by the daemon.
 pub async fn watch(conn: &zbus::Connection, units: &[String]) -> Result<()> {
@@ -151,6 +171,19 @@ pub async fn ensure(user: &Account, unit: &str, restart: bool, timeout: Duration
     call_as(user, &args, timeout * 2 + Duration::from_secs(2)).await
 }
 
+fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
+/// `podman system migrate`, run by the user's manager.
+pub async fn migrate(user: &Account, timeout: Duration) -> Result<()> {
+    let timeout_arg = format!("{}ms", timeout.as_millis());
+    call_as::<serde_json::Value>(user, &["migrate", "--timeout", timeout_arg.as_str()], timeout + Duration::from_secs(2))
+        .await
+        .map(drop)
+}
+
 /// A running `user-manager watch` helper; each line it prints is a wake-up for the daemon.
 pub struct Watcher {
     child: tokio::process::Child,
@@ -189,7 +222,14 @@ impl Watcher {
 /// Entry point of the helper, already running as the user.
 pub async fn helper_main(command: crate::cli::UserManagerCommand) -> Result<()> {
     use crate::cli::UserManagerCommand as C;
-    let conn = zbus::Connection::session().await.context("connecting to the user's bus")?;
+    let conn = zbus::Connection::session().await.map_err(|e| {
+        let bus = std::env::var("DBUS_SESSION_BUS_ADDRESS").unwrap_or_default();
+        let bus = bus.trim_start_matches("unix:path=");
+        match e {
+            zbus::Error::InputOutput(io) => anyhow!("the user manager is not running ({bus}: {io})"),
+            other => anyhow!("cannot reach the user manager at {bus}: {other}"),
+        }
+    })?;
     let mut stdout = tokio::io::stdout();
     match command {
         C::Status { unit } => {
@@ -201,6 +241,12 @@ pub async fn helper_main(command: crate::cli::UserManagerCommand) -> Result<()> 
             stdout.write_all(&serde_json::to_vec(&report)?).await?;
         }
         C::Watch { units } => watch(&conn, &units).await?,
+        C::Migrate { timeout } => {
+            let podman = find_in_path("podman").context("podman is not installed")?;
+            let argv = [podman.display().to_string(), "system".into(), "migrate".into()];
+            run_transient(&conn, "executor-agent-podman-migrate.service", &argv, timeout.into()).await?;
+            stdout.write_all(b"{}").await?;
+        }
     }
     stdout.flush().await?;
     Ok(())

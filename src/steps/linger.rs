@@ -19,9 +19,7 @@ async fn is_lingering(conn: &zbus::Connection, uid: u32) -> Result<bool> {
     // logind only knows users with a session or linger: "no such user" means no linger.
     let path = match logind.get_user(uid).await {
         Ok(path) => path,
-        Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == "org.freedesktop.login1.NoSuchUser" => {
-            return Ok(false)
-        }
+        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.login1.NoSuchUser") => return Ok(false),
         Err(e) => return Err(e).context("asking logind about the user"),
     };
     let user = login1::UserProxy::builder(conn)
@@ -29,7 +27,12 @@ async fn is_lingering(conn: &zbus::Connection, uid: u32) -> Result<bool> {
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    Ok(user.linger().await?)
+    match user.linger().await {
+        Ok(linger) => Ok(linger),
+        // The user object went away between the two calls: logind just dropped the user.
+        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.DBus.Error.UnknownObject") => Ok(false),
+        Err(e) => Err(e).context("reading the user's Linger property"),
+    }
 }
 
 async fn see(cx: &Context) -> Result<Seen> {

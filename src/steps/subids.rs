@@ -2,11 +2,11 @@
 //! rootless Podman's user namespace.
 
 use anyhow::{Context as _, Result};
-use std::process::Stdio;
 
 use super::{Context, Inspection};
 use crate::checks::Observation;
 use crate::subid::{self, EnsureOutcome, IdKind, IdRange};
+use crate::user_manager;
 
 fn check_name(kind: IdKind) -> &'static str {
     match kind {
@@ -83,18 +83,7 @@ fn has_used_podman(cx: &Context) -> bool {
 }
 
 async fn migrate(cx: &Context) -> Result<()> {
-    let mut cmd = cx.user.command("podman")?;
-    cmd.args(["system", "migrate"]).stdin(Stdio::null());
-    let output = tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+    user_manager::migrate(&cx.user, std::time::Duration::from_secs(120))
         .await
-        .context("podman system migrate took longer than 120s")?
-        .context("running podman system migrate")?;
-    if !output.status.success() {
-        anyhow::bail!(
-            "podman system migrate as {} failed: {}",
-            cx.user.name,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
+        .with_context(|| format!("podman system migrate as {}", cx.user.name))
 }

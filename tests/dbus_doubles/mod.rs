@@ -562,7 +562,7 @@ impl LogindManager {
             return Err(LogindError::NoSuchUser(format!("User ID {uid} is not logged in or lingering")));
         }
         server.at(user_path(uid), UserObject { uid, world: self.world.clone() }).await?;
-        Ok(OwnedObjectPath::try_from(user_path(uid)).map_err(zbus::Error::from)?)
+        Ok(OwnedObjectPath::try_from(user_path(uid))?)
     }
 
     async fn set_user_linger(

@@ -80,10 +80,14 @@ impl Release {
 
 /// Parses the Butane source and checks that it matches the unit file and release.toml.
 pub fn load_source() -> Result<Config> {
-    let text = host::read_string(butane_path())?;
-    let config = Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", butane_path().display()))?;
+    let config = parse_source()?;
     check_in_step(&config)?;
     Ok(config)
+}
+
+fn parse_source() -> Result<Config> {
+    let text = host::read_string(butane_path())?;
+    Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", butane_path().display()))
 }
 
 /// The `.bu` must carry the unit file verbatim and release.toml's URL and hash.
@@ -139,8 +143,16 @@ pub struct Extras {
 /// The local variant: the production source with the agent binary embedded from `binary`
 /// (`contents.local`, gzip-compressed by Butane's rules) and its sha512, rendered into `work`.
 /// Returns the path of the rendered, validated `.ign`.
+/// The unit comes from systemd/executor-agent.service as it is now, so a node always tests the
+/// working tree (a stale `.bu` only warns here; `ignition --check` and the tests fail on it).
 pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathBuf> {
-    let mut config = load_source()?;
+    let mut config = parse_source()?;
+    if let Err(e) = check_in_step(&config) {
+        eprintln!("warning: {e:#}");
+    }
+    let unit_file = host::read_string(unit_path())?;
+    let unit = config.units.iter_mut().find(|u| u.name == UNIT_NAME).context("the source has no executor-agent unit")?;
+    unit.contents = Some(unit_file);
     let data = host::read(binary)?;
     let files = work.join("files");
     std::fs::create_dir_all(&files).with_context(|| format!("cannot create {}", files.display()))?;
