@@ -161,7 +161,10 @@ async fn wait_ready(settings: &Settings, address: Option<String>, timeout: Durat
                     failing.join("\n")
                 );
             }
-            Ok(Err(e)) => last_problem = format!("executor-agent is not answering on {address}: {e:#}"),
+            Ok(Err(e)) => {
+                last_problem =
+                    format!("executor-agent is not answering on {address}: {}", journal::detail(&e))
+            }
             Err(_) => last_problem = format!("executor-agent on {address} did not answer within 2s"),
         }
         if Instant::now() >= deadline {

@@ -25,7 +25,7 @@ pub fn pass_limit(settings: &crate::config::Settings) -> Duration {
 const COALESCE: Duration = Duration::from_millis(20);
 
 /// Exponential backoff for a step that keeps failing, reset when it converges.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backoff {
     failures: u32,
     next_attempt: Option<Instant>,
@@ -92,7 +92,13 @@ pub async fn repair_pass(
         let outcomes = futures_util::future::join_all(due.iter().map(|s| async move {
             let started = Instant::now();
             let outcome = s.converge(cx).await;
-            tracing::debug!(step = s.name(), elapsed_ms = started.elapsed().as_millis() as u64, "converged");
+            tracing::debug!(
+                step = s.name(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "converged {} in {:?}",
+                s.name(),
+                started.elapsed()
+            );
             outcome
         }))
         .await;
@@ -138,7 +144,7 @@ pub async fn repair_pass(
 pub fn observations(result: &PassResult) -> Vec<Observation> {
     let mut out = Vec::new();
     for (step, inspection) in &result.inspections {
-        let error = result.errors.iter().find(|(s, _)| s == step).map(|(_, e)| format!("{e:#}"));
+        let error = result.errors.iter().find(|(s, _)| s == step).map(|(_, e)| crate::journal::detail(e));
         for obs in &inspection.observations {
             let mut obs = obs.clone();
             if let (false, Some(error)) = (obs.ok, &error) {
@@ -188,7 +194,10 @@ async fn keep_watchdog_fed(snapshot: watch::Receiver<Snapshot>, every: Duration,
         if age < stall {
             notify(&[sd_notify::NotifyState::Watchdog]);
         } else {
-            tracing::error!("main loop stalled for {}s; letting the watchdog restart the agent", age.as_secs());
+            tracing::error!(
+                "main loop stalled for {}s; letting the watchdog restart the agent",
+                age.as_secs()
+            );
         }
     }
 }
@@ -273,12 +282,16 @@ pub async fn run(cx: Context) -> Result<()> {
     if cx.root.is_host() {
         tokio::spawn(crate::watch::watch_system_bus(cx.system_bus.clone(), cx.user.clone(), wake.clone()));
     }
-    let mut user_watch = UserWatch::new();
+    let mut user_watch = UserWatch::default();
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if let Some(interval) = sd_notify::watchdog_enabled() {
-        tokio::spawn(keep_watchdog_fed(snapshot_tx.subscribe(), interval / 2, pass_limit(&cx.settings) + TICK * 2));
+        tokio::spawn(keep_watchdog_fed(
+            snapshot_tx.subscribe(),
+            interval / 2,
+            pass_limit(&cx.settings) + TICK * 2,
+        ));
     }
 
     let mut checks = CheckSet::pending(SystemTime::now());

@@ -52,7 +52,46 @@ pub fn init() {
         .init();
 }
 
-/// `error: outer -> cause -> root cause`, the one-line chain zincati logs.
+/// `outer -> cause -> root cause`, the one-line chain zincati logs after `error: `.
 pub fn chain(error: &anyhow::Error) -> String {
-    error.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(" -> ")
+    join_causes(error, " -> ")
+}
+
+/// `outer: cause: root cause`, for a check's detail.
+pub fn detail(error: &anyhow::Error) -> String {
+    join_causes(error, ": ")
+}
+
+/// Joins an error's causes, skipping a cause whose text the previous one already ends with
+/// (zbus and std I/O errors often repeat their source in their own message).
+fn join_causes(error: &anyhow::Error, separator: &str) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !previous.is_empty() && previous.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(separator);
+        }
+        text.push_str(&part);
+        previous = part;
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_causes_are_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = anyhow::Error::new(io)
+            .context("connecting to /run/user/1000/bus: Connection refused")
+            .context("status");
+        assert_eq!(chain(&e), "status -> connecting to /run/user/1000/bus: Connection refused");
+        assert_eq!(detail(&anyhow::anyhow!("plain")), "plain");
+    }
 }

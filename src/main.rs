@@ -12,7 +12,8 @@ enum CommandKind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command_kind = if matches!(cli.command, Command::Run) { CommandKind::Daemon } else { CommandKind::OneShot };
+    let command_kind =
+        if matches!(cli.command, Command::Run) { CommandKind::Daemon } else { CommandKind::OneShot };
     journal::init();
     if let Err(e) = commands::check_privileges(&cli) {
         eprintln!("error: {e:#}");

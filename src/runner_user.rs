@@ -88,8 +88,8 @@ impl Account {
 
 fn supplementary_groups(name: &str, gid: u32) -> Result<Vec<nix::unistd::Gid>> {
     let cname = CString::new(name)?;
-    Ok(nix::unistd::getgrouplist(&cname, nix::unistd::Gid::from_raw(gid))
-        .with_context(|| format!("looking up the groups of {name:?}"))?)
+    nix::unistd::getgrouplist(&cname, nix::unistd::Gid::from_raw(gid))
+        .with_context(|| format!("looking up the groups of {name:?}"))
 }
 
 fn parse_passwd(text: &str, name: &str) -> Result<Account> {

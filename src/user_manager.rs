@@ -69,7 +69,12 @@ pub async fn ensure_socket(
 /// Runs a command as a transient oneshot service of the user's manager and waits for it.
 /// Running it there rather than as the agent's child keeps it out of the agent's sandbox
 /// (Podman needs user namespaces and setuid newuidmap, which the agent's unit forbids).
-pub async fn run_transient(conn: &zbus::Connection, unit: &str, argv: &[String], timeout: Duration) -> Result<()> {
+pub async fn run_transient(
+    conn: &zbus::Connection,
+    unit: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<()> {
     use zbus::{OwnedVariant, Variant};
     let manager = systemd::manager(conn).await?;
     let program = argv.first().context("empty command")?.clone();
@@ -179,9 +184,13 @@ fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
 /// `podman system migrate`, run by the user's manager.
 pub async fn migrate(user: &Account, timeout: Duration) -> Result<()> {
     let timeout_arg = format!("{}ms", timeout.as_millis());
-    call_as::<serde_json::Value>(user, &["migrate", "--timeout", timeout_arg.as_str()], timeout + Duration::from_secs(2))
-        .await
-        .map(drop)
+    call_as::<serde_json::Value>(
+        user,
+        &["migrate", "--timeout", timeout_arg.as_str()],
+        timeout + Duration::from_secs(2),
+    )
+    .await
+    .map(drop)
 }
 
 /// A running `user-manager watch` helper; each line it prints is a wake-up for the daemon.

@@ -111,7 +111,7 @@ pub async fn watch_system_bus(bus: SystemBus, user: Account, wake: Arc<Notify>) 
     let mut delay = Duration::from_millis(250);
     loop {
         if let Err(e) = watch_system_bus_once(&bus, &user, &wake).await {
-            tracing::debug!("system bus watch ended: {e:#}");
+            tracing::debug!("system bus watch ended: {}", crate::journal::detail(&e));
         }
         bus.reset().await;
         wake.notify_one();
@@ -164,15 +164,12 @@ async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify) -
 }
 
 /// Keeps a `user-manager watch` helper running while the user manager is up.
+#[derive(Default)]
 pub struct UserWatch {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl UserWatch {
-    pub fn new() -> Self {
-        UserWatch { task: None }
-    }
-
     /// Starts the helper if it is not running; call when the user manager is active.
     pub fn ensure_running(&mut self, user: &Account, unit: &str, wake: &Arc<Notify>) {
         if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
@@ -188,7 +185,7 @@ impl UserWatch {
                     wake.notify_one();
                 }));
             }
-            Err(e) => tracing::warn!("cannot watch the user manager: {e:#}"),
+            Err(e) => tracing::warn!("cannot watch the user manager: {}", crate::journal::detail(&e)),
         }
     }
 

@@ -53,7 +53,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
     let user = &cx.user.name;
     match see(cx).await {
         Err(e) => Inspection {
-            observations: vec![Observation::fail(CHECK, format!("{e:#}"))],
+            observations: vec![Observation::fail(CHECK, crate::journal::detail(&e))],
             plan: vec![format!("enable linger for {user} once the system bus answers")],
         },
         Ok(seen) => {

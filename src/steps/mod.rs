@@ -34,12 +34,14 @@ impl Context {
 #[derive(Clone, Default)]
 pub struct SystemBus {
     connection: Arc<Mutex<Option<zbus::Connection>>>,
+    /// A connection given by the caller is kept: reconnecting would reach another bus.
+    given: bool,
 }
 
 impl SystemBus {
     /// A bus given by a test or a caller (a private bus with test doubles).
     pub fn with_connection(connection: zbus::Connection) -> Self {
-        SystemBus { connection: Arc::new(Mutex::new(Some(connection))) }
+        SystemBus { connection: Arc::new(Mutex::new(Some(connection))), given: true }
     }
 
     pub async fn get(&self) -> Result<zbus::Connection> {
@@ -55,6 +57,9 @@ impl SystemBus {
 
     /// Drops the connection after an error so the next use reconnects.
     pub async fn reset(&self) {
+        if self.given {
+            return;
+        }
         self.connection.lock().await.take();
     }
 }
@@ -142,7 +147,13 @@ pub async fn inspect_all(cx: &Context, steps: &[Step]) -> Vec<(Step, Inspection)
     let inspections = futures_util::future::join_all(steps.iter().map(|&s| async move {
         let started = std::time::Instant::now();
         let inspection = s.inspect(cx).await;
-        tracing::debug!(step = s.name(), elapsed_ms = started.elapsed().as_millis() as u64, "inspected");
+        tracing::debug!(
+            step = s.name(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "inspected {} in {:?}",
+            s.name(),
+            started.elapsed()
+        );
         inspection
     }))
     .await;

@@ -51,7 +51,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
     let socket = match &seen.unit {
         Err(e) => {
             plan.push(format!("enable and start {unit_name} for {user} once the user manager runs"));
-            Observation::fail(SOCKET_CHECK, format!("{user}'s manager: {e:#}"))
+            Observation::fail(SOCKET_CHECK, format!("{user}'s manager: {}", crate::journal::detail(e)))
         }
         Ok(state) => {
             if !state.is_enabled() {
@@ -82,7 +82,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
             if seen.unit.as_ref().is_ok_and(|s| s.is_active()) && seen.socket_file {
                 plan.push(format!("restart {unit_name} and its service for {user}"));
             }
-            Observation::fail(API_CHECK, format!("{e:#}"))
+            Observation::fail(API_CHECK, crate::journal::detail(e))
         }
     };
     Inspection { observations: vec![socket, api], plan }
@@ -98,7 +98,11 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
     // Prove the API before calling the step done.
     if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await {
-        bail!("{} is active but the API does not answer: {e:#}", cx.settings.podman_socket_unit);
+        bail!(
+            "{} is active but the API does not answer: {}",
+            cx.settings.podman_socket_unit,
+            crate::journal::detail(&e)
+        );
     }
     Ok(changes)
 }

@@ -119,7 +119,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
     let mut problems = Vec::new();
     if cx.root.is_host() {
         match validate(wanted).and_then(|_| read_trimmed(LIVE)) {
-            Err(e) => problems.push(format!("{e:#}")),
+            Err(e) => problems.push(crate::journal::detail(&e)),
             Ok(live) if live != wanted.to_string() => {
                 problems.push(format!("live value is {live}"));
                 plan.push(format!("write {wanted} to {LIVE}"));

@@ -9,6 +9,7 @@ use crate::yaml::{self, Node};
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use std::path::{Component, Path};
+use std::sync::Mutex;
 
 /// The Ignition spec version that Butane fcos 1.4.0 produces.
 pub const IGNITION_VERSION: &str = "3.3.0";
@@ -288,21 +289,46 @@ fn read_local(local: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
 /// compression) a gzip+base64 data URL. Returns the URL and the compression value to write:
 /// `Some("")` or `Some("gzip")` when the config set none, `None` to keep the config's own.
 pub fn make_data_url(contents: &[u8], current_compression: Option<&str>) -> (String, Option<&'static str>) {
+    // Nodes embed the same multi-megabyte binary once per scenario: compress it once per run.
+    static CACHE: Mutex<Vec<(Vec<u8>, bool, String, Option<&'static str>)>> = Mutex::new(Vec::new());
+    const CACHE_FROM: usize = 1 << 20;
     let unset = current_compression.is_none_or(str::is_empty);
-    let mut compression = if unset { Some("") } else { None };
-    let mut opaque = format!(",{}", path_escape(contents));
-    let b64 = format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(contents));
-    if b64.len() < opaque.len() {
-        opaque = b64;
+    if contents.len() >= CACHE_FROM {
+        let cache = CACHE.lock().unwrap();
+        if let Some((_, _, url, c)) = cache.iter().find(|(data, u, _, _)| *u == unset && data.as_slice() == contents) {
+            return (url.clone(), *c);
+        }
     }
+    let mut compression = if unset { Some("") } else { None };
+    // Candidate lengths first; only the chosen encoding is built.
+    let escaped_len = 1 + contents.iter().map(|&b| if is_path_unreserved(b) { 1 } else { 3 }).sum::<usize>();
+    let b64_len = ";base64,".len() + contents.len().div_ceil(3) * 4;
+    let mut best_len = escaped_len.min(b64_len);
+    let mut gzipped = None;
     if unset {
-        let gz = format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(crate::gzip::compress(contents)));
-        if gz.len() + "gzip".len() < opaque.len() {
-            opaque = gz;
+        let gz = crate::gzip::compress(contents);
+        let gz_len = ";base64,".len() + gz.len().div_ceil(3) * 4;
+        if gz_len + "gzip".len() < best_len {
+            best_len = gz_len;
+            gzipped = Some(gz);
             compression = Some("gzip");
         }
     }
-    (format!("data:{opaque}"), compression)
+    let opaque = match gzipped {
+        Some(gz) => format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(gz)),
+        None if b64_len < escaped_len => format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(contents)),
+        None => format!(",{}", path_escape(contents)),
+    };
+    debug_assert_eq!(opaque.len(), best_len);
+    let url = format!("data:{opaque}");
+    if contents.len() >= CACHE_FROM {
+        CACHE.lock().unwrap().push((contents.to_vec(), unset, url.clone(), compression));
+    }
+    (url, compression)
+}
+
+fn is_path_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.~$&+:=@".contains(&b)
 }
 
 /// Go's `url.PathEscape` (what dataurl v1.0.0's `Escape` calls): keeps `A-Za-z0-9-_.~$&+:=@`.
@@ -310,7 +336,7 @@ pub fn path_escape(data: &[u8]) -> String {
     const UPPER_HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(data.len());
     for &b in data {
-        if b.is_ascii_alphanumeric() || b"-_.~$&+:=@".contains(&b) {
+        if is_path_unreserved(b) {
             out.push(b as char);
         } else {
             out.push('%');
@@ -571,8 +597,11 @@ mod tests {
 
     #[test]
     fn binary_data_prefers_base64_and_repetitive_data_gzip() {
+        // 4 bytes: ",%00%01%02%FF" (13) beats ";base64,AAEC/w==" (16).
         let (url, c) = make_data_url(&[0u8, 1, 2, 255], None);
-        assert_eq!((url.as_str(), c), ("data:;base64,AAEC/w==", Some("")));
+        assert_eq!((url.as_str(), c), ("data:,%00%01%02%FF", Some("")));
+        let (url, c) = make_data_url(&[0u8, 1, 2, 255].repeat(3), None);
+        assert_eq!((url.as_str(), c), ("data:;base64,AAEC/wABAv8AAQL/", Some("")));
         let text = "x = 1\n".repeat(200);
         let (url, c) = make_data_url(text.as_bytes(), None);
         assert!(url.starts_with("data:;base64,H4sI"), "{url}");
@@ -594,8 +623,9 @@ mod tests {
         ));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["storage"]["files"][0]["mode"], 493);
-        let file_keys: Vec<_> = out.lines().filter(|l| l.starts_with("        \"")).map(|l| l.trim().split('"').nth(1).unwrap().to_string()).collect();
-        assert_eq!(file_keys, ["overwrite", "path", "contents", "mode"]);
+        let file = &out[out.find("\"files\"").unwrap()..out.find("\"systemd\"").unwrap()];
+        let keys: Vec<_> = file.lines().filter(|l| l.starts_with("        \"")).map(|l| l.trim().split('"').nth(1).unwrap()).collect();
+        assert_eq!(keys, ["overwrite", "path", "contents", "mode"]);
         assert!(out.contains("\"contents\": \"[Install]\\nWantedBy=multi-user.target\\n\",\n        \"enabled\": true,\n        \"name\": \"x.service\""));
     }
 
