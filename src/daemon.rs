@@ -105,11 +105,11 @@ pub async fn repair_pass(
         for (step, outcome) in due.iter().copied().zip(outcomes) {
             match outcome {
                 Ok(done) => {
-                    backoff.entry(step).or_insert(Backoff::new()).succeeded();
+                    backoff.entry(step).or_default().succeeded();
                     changes.extend(done.into_iter().map(|c| (step, c)));
                 }
                 Err(e) => {
-                    let delay = backoff.entry(step).or_insert(Backoff::new()).failed(
+                    let delay = backoff.entry(step).or_default().failed(
                         now,
                         cx.settings.repair_backoff_min,
                         cx.settings.repair_backoff_max,
@@ -133,7 +133,7 @@ pub async fn repair_pass(
     }
     for (step, inspection) in &inspections {
         if inspection.converged() {
-            backoff.entry(*step).or_insert(Backoff::new()).succeeded();
+            backoff.entry(*step).or_default().succeeded();
         }
     }
     let inspections = steps.iter().map(|s| (*s, inspections.remove(s).unwrap_or_default())).collect();
