@@ -268,13 +268,9 @@ pub async fn run(cx: Context) -> Result<()> {
         liveness_limit: pass_limit(&cx.settings) + TICK * 2,
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, http::app(state))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
-    });
+    let server = tokio::spawn(http::serve(listener, http::app(state), http::Limits::default(), async {
+        let _ = http_stopped.await;
+    }));
 
     let files = FileWatcher::new().context("setting up inotify")?;
     files.arm(&watched_dirs(&cx));

@@ -586,6 +586,20 @@ mod tests {
         assert_eq!(path_escape("(é)".as_bytes()), "%28%C3%A9%29");
     }
 
+    /// Expected values printed by Go 1.19's url.PathEscape and json.MarshalIndent for this input.
+    #[test]
+    fn escaping_matches_go_output_byte_for_byte() {
+        let input = "a&b<c>d\t\"q\"\\ e\u{1} /;,?$+:=@~!*()' é\n";
+        assert_eq!(
+            path_escape(input.as_bytes()),
+            "a&b%3Cc%3Ed%09%22q%22%5C%20e%01%20%2F%3B%2C%3F$+:=@~%21%2A%28%29%27%20%C3%A9%0A"
+        );
+        assert_eq!(
+            Json::String(input.into()).to_pretty(),
+            r#""a\u0026b\u003cc\u003ed\t\"q\"\\ e\u0001 /;,?$+:=@~!*()' é\n""#
+        );
+    }
+
     #[test]
     fn short_text_becomes_url_escaped_with_empty_compression() {
         let out = render("variant: fcos\nversion: 1.4.0\nstorage:\n  files:\n    - path: /etc/hostname\n      mode: 0644\n      contents:\n        inline: node1\n");

@@ -56,6 +56,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 /// `cargo xtask e2e`.
 pub fn cmd_e2e() -> Result<()> {
     let (agent, pristine) = node::prepare()?;
+    run(agent, pristine)
+}
+
+/// Runs every scenario; prints the figures and `N passed, N failed`.
+pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
     node::cleanup_leftovers("e2e-")?;
     let mut suite = Suite { agent, pristine, figures: Vec::new(), counter: 0 };
     let (mut passed, mut failed) = (0, 0);

@@ -409,6 +409,44 @@ mod tests {
         assert_eq!(unit["contents"], std::fs::read_to_string(unit_path()).unwrap());
     }
 
+    /// Every data URL in the committed config decodes to the file it was made from, and where
+    /// Butane's rule picked gzip it did so by a wide margin, so Go's deflate (whose bytes differ
+    /// from ours and between Go releases) makes the same choice.
+    #[test]
+    fn embedded_payloads_decode_and_the_gzip_choice_is_clear() {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ign_path()).unwrap()).unwrap();
+        let file = json["storage"]["files"].as_array().unwrap().iter().find(|f| f["path"] == "/etc/executor-agent/config.toml").unwrap();
+        let source = file["contents"]["source"].as_str().unwrap();
+        let compression = file["contents"]["compression"].as_str().unwrap();
+        let want = std::fs::read(files_dir().join("config.toml")).unwrap();
+        let got = match (source.strip_prefix("data:;base64,"), compression) {
+            (Some(b64), c) => {
+                let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+                if c == "gzip" { crate::gzip::decompress(&raw).unwrap() } else { raw }
+            }
+            (None, "") => {
+                let escaped = source.strip_prefix("data:,").unwrap();
+                let mut out = Vec::new();
+                let mut bytes = escaped.bytes();
+                while let Some(b) = bytes.next() {
+                    if b == b'%' {
+                        let hex: String = [bytes.next().unwrap() as char, bytes.next().unwrap() as char].iter().collect();
+                        out.push(u8::from_str_radix(&hex, 16).unwrap());
+                    } else {
+                        out.push(b);
+                    }
+                }
+                out
+            }
+            other => panic!("unexpected encoding {other:?}"),
+        };
+        assert_eq!(got, want, "the embedded config.toml differs from ignition/config.toml");
+        let plain = (1 + butane::path_escape(&want).len()).min(8 + want.len().div_ceil(3) * 4);
+        let gz = 8 + crate::gzip::compress(&want).len().div_ceil(3) * 4 + 4;
+        let margin = (plain as f64 - gz as f64).abs() / plain as f64;
+        assert!(margin > 0.05, "gzip ({gz}) vs plain ({plain}) is too close to call: Go's deflate might choose otherwise");
+    }
+
     #[test]
     fn release_file_round_trips() {
         let r = Release::load().unwrap();

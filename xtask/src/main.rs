@@ -57,14 +57,23 @@ fn real_main() -> Result<()> {
     }
 }
 
-/// `cargo xtask test`: what `.ci/run` runs.
+/// `cargo xtask test`: what `.ci/run` runs. The node tree is built (or found in the cache)
+/// while cargo compiles; the end-to-end scenarios run last, so their summary line closes the log.
 fn cmd_test() -> Result<()> {
     host::require_root("cargo xtask test")?;
     host::ensure_packages(host::NODE_HOST_PACKAGES)?;
-    eprintln!("==> cargo test --workspace");
-    host::run(host::cargo().args(["test", "--workspace"]))?;
-    eprintln!("==> cargo xtask ignition --check");
-    ignition::cmd_ignition(true)?;
-    eprintln!("==> cargo xtask e2e");
-    e2e::cmd_e2e()
+    std::thread::scope(|s| {
+        let tree = s.spawn(tree::ensure);
+        let checks = (|| {
+            eprintln!("==> cargo test --workspace");
+            host::run(host::cargo().args(["test", "--workspace"]))?;
+            eprintln!("==> cargo xtask ignition --check (and ignition-validate)");
+            ignition::cmd_ignition(true)?;
+            host::build_agent()
+        })();
+        let pristine = tree.join().map_err(|_| anyhow::anyhow!("building the node tree panicked"))?;
+        let agent = checks?;
+        eprintln!("==> cargo xtask e2e");
+        e2e::run(agent, pristine?)
+    })
 }
