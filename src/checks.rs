@@ -1,11 +1,87 @@
-//! Check results: what each step last saw, when it last changed, and the node's readiness.
+//! Check results: what each step last saw, whether readiness depends on it, flap damping,
+//! and when each check last changed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
-/// Names of the checks, in the order they are reported.
+/// The checks the core steps report, in the order they are shown.
 pub const CHECK_NAMES: [&str; 6] =
     ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"];
+
+/// Every check the agent knows, in the order they are shown.
+pub const ALL_CHECKS: [&str; 14] = [
+    "drain",
+    "subuid",
+    "subgid",
+    "linger",
+    "podman-socket",
+    "podman-api",
+    "unprivileged-ports",
+    "subuid-mapping",
+    "newuidmap",
+    "storage",
+    "podman-config",
+    "cgroup-delegation",
+    "docker-cli",
+    "canary",
+];
+
+/// Checks that warn rather than decide readiness unless configured otherwise.
+const ADVISORY_BY_DEFAULT: [&str; 3] = ["cgroup-delegation", "docker-cli", "canary"];
+
+/// How a check affects readiness, and how many observations it takes to flip it (like
+/// Consul's `failures_before_critical` and `success_before_passing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckPolicy {
+    pub required: bool,
+    pub failures_before_critical: u32,
+    pub successes_before_passing: u32,
+}
+
+impl CheckPolicy {
+    pub fn default_for(name: &str) -> CheckPolicy {
+        CheckPolicy {
+            required: !ADVISORY_BY_DEFAULT.contains(&name),
+            failures_before_critical: 1,
+            successes_before_passing: 1,
+        }
+    }
+}
+
+/// `[checks.NAME]` as written: every key optional, the rest from the check's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckPolicyOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
+    pub failures_before_critical: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
+    pub successes_before_passing: Option<u32>,
+}
+
+impl CheckPolicyOverride {
+    pub fn apply(&self, mut policy: CheckPolicy) -> CheckPolicy {
+        if let Some(v) = self.required {
+            policy.required = v;
+        }
+        if let Some(v) = self.failures_before_critical {
+            policy.failures_before_critical = v;
+        }
+        if let Some(v) = self.successes_before_passing {
+            policy.successes_before_passing = v;
+        }
+        policy
+    }
+}
+
+fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = i64::deserialize(d)?;
+    match u32::try_from(v) {
+        Ok(v) if v >= 1 => Ok(Some(v)),
+        _ => Err(serde::de::Error::custom(format!("{v} is not a count of 1 or more"))),
+    }
+}
 
 /// One observation made by a step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,26 +101,37 @@ impl Observation {
     }
 }
 
-/// A check as reported to probes: the observation plus when its `ok` last flipped.
+/// A check as reported to probes: the damped verdict, the latest detail, and when the
+/// verdict last flipped.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
+    pub required: bool,
     pub detail: String,
     /// RFC 3339 time of the last change of `ok` (or of the first observation).
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
+    /// Observations in a row that disagree with `ok` (flap damping).
+    #[serde(skip)]
+    streak: u32,
+    /// Not observed yet: the first observation sets the verdict at once.
+    #[serde(skip)]
+    pending: bool,
+    #[serde(skip)]
+    policy: CheckPolicy,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_seconds(*t))
 }
 
-/// A readiness change worth a journal entry.
+/// A verdict change worth a journal entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub name: &'static str,
     pub ok: bool,
+    pub required: bool,
     pub detail: String,
 }
 
@@ -55,40 +142,93 @@ pub struct CheckSet {
 }
 
 impl CheckSet {
-    /// Checks that have not run yet, so a probe before the first pass says why it is not ready.
+    /// The core checks, not run yet, with their default policies.
     pub fn pending(now: SystemTime) -> Self {
-        CheckSet {
-            checks: CHECK_NAMES
-                .iter()
-                .map(|&name| Check { name, ok: false, detail: "not checked yet".into(), since: now })
-                .collect(),
-        }
+        Self::pending_with(&CHECK_NAMES, CheckPolicy::default_for, now)
     }
 
-    /// Records new observations; returns the checks whose `ok` flipped.
+    /// Checks that have not run yet, so a probe before the first pass says why it is not ready.
+    pub fn pending_with(
+        names: &[&'static str],
+        policy: impl Fn(&str) -> CheckPolicy,
+        now: SystemTime,
+    ) -> Self {
+        let mut set = CheckSet::default();
+        for &name in names {
+            let policy = policy(name);
+            set.checks.push(Check {
+                name,
+                ok: false,
+                required: policy.required,
+                detail: "not checked yet".into(),
+                since: now,
+                streak: 0,
+                pending: true,
+                policy,
+            });
+        }
+        set.sort();
+        set
+    }
+
+    fn sort(&mut self) {
+        self.checks.sort_by_key(|c| ALL_CHECKS.iter().position(|&n| n == c.name).unwrap_or(usize::MAX));
+    }
+
+    /// Records new observations; returns the checks whose verdict flipped. A pending check
+    /// takes its first verdict at once; after that a verdict flips only after the policy's
+    /// number of disagreeing observations in a row.
     pub fn record(&mut self, observations: Vec<Observation>, now: SystemTime) -> Vec<Transition> {
         let mut transitions = Vec::new();
         for obs in observations {
-            match self.checks.iter_mut().find(|c| c.name == obs.name) {
-                Some(check) => {
-                    if check.ok != obs.ok {
-                        check.since = now;
-                        transitions.push(Transition {
-                            name: obs.name,
-                            ok: obs.ok,
-                            detail: obs.detail.clone(),
-                        });
-                    }
-                    check.ok = obs.ok;
-                    check.detail = obs.detail;
-                }
+            let index = match self.checks.iter().position(|c| c.name == obs.name) {
+                Some(i) => i,
                 None => {
-                    transitions.push(Transition { name: obs.name, ok: obs.ok, detail: obs.detail.clone() });
-                    self.checks.push(Check { name: obs.name, ok: obs.ok, detail: obs.detail, since: now });
+                    let policy = CheckPolicy::default_for(obs.name);
+                    self.checks.push(Check {
+                        name: obs.name,
+                        ok: false,
+                        required: policy.required,
+                        detail: String::new(),
+                        since: now,
+                        streak: 0,
+                        pending: true,
+                        policy,
+                    });
+                    self.checks.len() - 1
                 }
+            };
+            let check = &mut self.checks[index];
+            let first = std::mem::take(&mut check.pending);
+            if obs.ok == check.ok && !first {
+                check.streak = 0;
+                check.detail = obs.detail;
+                continue;
+            }
+            check.streak = check.streak.saturating_add(1);
+            let needed = if obs.ok {
+                check.policy.successes_before_passing
+            } else {
+                check.policy.failures_before_critical
+            };
+            if first || check.streak >= needed {
+                check.ok = obs.ok;
+                check.since = now;
+                check.streak = 0;
+                check.detail = obs.detail;
+                transitions.push(Transition {
+                    name: check.name,
+                    ok: check.ok,
+                    required: check.required,
+                    detail: check.detail.clone(),
+                });
+            } else {
+                let verb = if obs.ok { "passed" } else { "failed" };
+                check.detail =
+                    format!("{} ({verb} {} of {needed} times before it flips)", obs.detail, check.streak);
             }
         }
-        self.checks.sort_by_key(|c| CHECK_NAMES.iter().position(|&n| n == c.name).unwrap_or(usize::MAX));
+        self.sort();
         transitions
     }
 
@@ -96,8 +236,9 @@ impl CheckSet {
         &self.checks
     }
 
+    /// Ready when every required check passes.
     pub fn ready(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok || !c.required)
     }
 
     pub fn failing(&self) -> impl Iterator<Item = &Check> {
@@ -107,11 +248,17 @@ impl CheckSet {
     /// The line `systemctl status` shows, e.g. `ready: 6/6 checks pass` or
     /// `not ready: podman-api: connection refused`.
     pub fn status_line(&self) -> String {
-        let passing = self.checks.iter().filter(|c| c.ok).count();
-        match self.failing().next() {
-            None => format!("ready: {passing}/{} checks pass", self.checks.len()),
+        let required: Vec<&Check> = self.checks.iter().filter(|c| c.required).collect();
+        let passing = required.iter().filter(|c| c.ok).count();
+        let warnings: Vec<&Check> = self.checks.iter().filter(|c| !c.required && !c.ok).collect();
+        let warning = match warnings.first() {
+            None => String::new(),
+            Some(w) => format!("; warning: {}: {}", w.name, w.detail),
+        };
+        match required.iter().find(|c| !c.ok) {
+            None => format!("ready: {passing}/{} checks pass{warning}", required.len()),
             Some(first) => {
-                let more = self.failing().count() - 1;
+                let more = required.iter().filter(|c| !c.ok).count() - 1;
                 let more = if more > 0 { format!(" (+{more} more)") } else { String::new() };
                 format!("not ready: {}: {}{more}", first.name, first.detail)
             }
@@ -147,7 +294,12 @@ mod tests {
         let t = set.record(vec![Observation::fail("podman-api", "connection refused")], t2);
         assert_eq!(
             t,
-            vec![Transition { name: "podman-api", ok: false, detail: "connection refused".into() }]
+            vec![Transition {
+                name: "podman-api",
+                ok: false,
+                required: true,
+                detail: "connection refused".into()
+            }]
         );
         assert_eq!(set.status_line(), "not ready: podman-api: connection refused");
         let api = set.checks().iter().find(|c| c.name == "podman-api").unwrap();
@@ -155,10 +307,57 @@ mod tests {
     }
 
     #[test]
+    fn damping_needs_n_failures_and_m_passes_in_a_row() {
+        let t = SystemTime::UNIX_EPOCH;
+        let policy = |_: &str| CheckPolicy {
+            required: true,
+            failures_before_critical: 3,
+            successes_before_passing: 2,
+        };
+        let mut set = CheckSet::pending_with(&["podman-api"], policy, t);
+        let pass = || vec![Observation::pass("podman-api", "OK")];
+        let fail = || vec![Observation::fail("podman-api", "refused")];
+        // The first verdict is taken at once, whatever the policy.
+        assert_eq!(set.record(pass(), t).len(), 1);
+        assert!(set.ready());
+        assert!(set.record(fail(), t).is_empty());
+        assert!(set.record(fail(), t).is_empty());
+        assert!(set.ready(), "two failures must not flip a check that needs three");
+        assert_eq!(set.checks()[0].detail, "refused (failed 2 of 3 times before it flips)");
+        // A pass in between starts the count again.
+        assert!(set.record(pass(), t).is_empty());
+        for _ in 0..2 {
+            assert!(set.record(fail(), t).is_empty());
+        }
+        assert_eq!(set.record(fail(), t).len(), 1);
+        assert!(!set.ready());
+        assert!(set.record(pass(), t).is_empty());
+        assert!(!set.ready());
+        assert_eq!(set.record(pass(), t).len(), 1);
+        assert!(set.ready());
+    }
+
+    #[test]
+    fn advisory_checks_warn_without_blocking_readiness() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut set = CheckSet::pending(t);
+        let mut obs: Vec<_> = CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect();
+        obs.push(Observation::fail("docker-cli", "no docker on PATH"));
+        set.record(obs, t);
+        assert!(set.ready());
+        assert_eq!(set.status_line(), "ready: 6/6 checks pass; warning: docker-cli: no docker on PATH");
+        let docker = set.checks().iter().find(|c| c.name == "docker-cli").unwrap();
+        assert!(!docker.required && !docker.ok);
+    }
+
+    #[test]
     fn serialises_since_as_rfc3339() {
         let mut set = CheckSet::default();
         set.record(vec![Observation::pass("linger", "on")], SystemTime::UNIX_EPOCH);
         let json = serde_json::to_string(set.checks()).unwrap();
-        assert_eq!(json, r#"[{"name":"linger","ok":true,"detail":"on","since":"1970-01-01T00:00:00Z"}]"#);
+        assert_eq!(
+            json,
+            r#"[{"name":"linger","ok":true,"required":true,"detail":"on","since":"1970-01-01T00:00:00Z"}]"#
+        );
     }
 }

@@ -39,7 +39,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             tracing::info!(
                 message_id = journal::AGENT_LIFECYCLE,
                 user = cx.user.name.as_str(),
-                listen = %cx.settings.listen,
+                listen = %cx.settings.http.listen,
                 "executor-agent {} starting for user {} (uid {})",
                 env!("CARGO_PKG_VERSION"),
                 cx.user.name,
@@ -100,7 +100,7 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn context(root: Root, settings: Settings) -> Result<Context> {
-    let user = Account::lookup(&root, &settings.runner_user)?;
+    let user = Account::lookup(&root, &settings.runner.user)?;
     Ok(Context::new(root, settings, user))
 }
 
@@ -114,7 +114,7 @@ fn print_table(checks: &[Check]) {
 
 /// The address `wait-ready` asks: the configured one, with a wildcard made local.
 fn local_address(settings: &Settings) -> String {
-    let mut addr = settings.listen;
+    let mut addr = settings.http.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             [127, 0, 0, 1].into()
@@ -195,9 +195,9 @@ mod tests {
     fn wildcard_listen_becomes_loopback() {
         let mut s = Settings::default();
         assert_eq!(local_address(&s), "127.0.0.1:9739");
-        s.listen = "[::]:80".parse().unwrap();
+        s.http.listen = "[::]:80".parse().unwrap();
         assert_eq!(local_address(&s), "[::1]:80");
-        s.listen = "10.0.0.5:9739".parse().unwrap();
+        s.http.listen = "10.0.0.5:9739".parse().unwrap();
         assert_eq!(local_address(&s), "10.0.0.5:9739");
     }
 }

@@ -8,17 +8,19 @@
 //!    directories. A drop-in in `/etc` hides a same-named one in `/run`, which hides one in
 //!    `/usr/lib` (the systemd convention, as zincati does).
 //!
-//! A later file overrides only the keys it sets. Unknown keys and bad values are errors that
-//! name the file, line and key; the agent then refuses to start.
+//! A later file overrides only the keys it sets. Each file is validated on its own, so an
+//! unknown key or a bad value is an error naming that file, the line and the key; the agent
+//! then refuses to start.
 
 use serde::de::{Deserializer, Error as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::checks::{CheckPolicy, CheckPolicyOverride, ALL_CHECKS};
 use crate::paths::Root;
 
 pub const MAIN_CONFIG: &str = "/etc/executor-agent/config.toml";
@@ -26,130 +28,246 @@ pub const MAIN_CONFIG: &str = "/etc/executor-agent/config.toml";
 pub const DROP_IN_DIRS: [&str; 3] =
     ["/usr/lib/executor-agent/config.d", "/run/executor-agent/config.d", "/etc/executor-agent/config.d"];
 
-/// Everything the agent needs to know, validated.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// Everything the agent needs to know, validated. The shape is the file's shape.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// The user whose rootless Podman serves CI jobs.
-    pub runner_user: String,
-    /// Minimum number of subordinate UIDs and GIDs the runner user must own.
-    pub subid_count: u32,
-    /// How long to wait for the shadow-utils locks before giving up on a pass.
-    #[serde(with = "humantime_serde_compat")]
-    pub subid_lock_timeout: Duration,
-    /// How long to wait for `user@UID.service` to become active after enabling linger.
-    #[serde(with = "humantime_serde_compat")]
-    pub user_manager_timeout: Duration,
-    /// The Podman API socket unit in the runner user's manager.
-    pub podman_socket_unit: String,
-    /// Bound on one Podman API request (`/_ping`, `/version`).
-    #[serde(with = "humantime_serde_compat")]
-    pub podman_api_timeout: Duration,
-    /// `net.ipv4.ip_unprivileged_port_start`, live and persisted.
-    pub unprivileged_port_start: u16,
-    /// Address of the health endpoint.
-    pub listen: SocketAddr,
-    /// Full re-check of every step even without events.
-    #[serde(with = "humantime_serde_compat")]
-    pub resync_interval: Duration,
-    /// First and largest delay between repair attempts of a failing step.
-    #[serde(with = "humantime_serde_compat")]
-    pub repair_backoff_min: Duration,
-    #[serde(with = "humantime_serde_compat")]
-    pub repair_backoff_max: Duration,
+    pub runner: Runner,
+    pub subids: Subids,
+    pub linger: Linger,
+    pub podman: Podman,
+    pub sysctl: Sysctl,
+    pub http: Http,
+    pub repair: Repair,
+    /// Per-check policy: `[checks.NAME]` with `required`, `failures_before_critical`,
+    /// `successes_before_passing`. Checks not named keep their defaults.
+    #[serde(deserialize_with = "check_policies")]
+    pub checks: BTreeMap<String, CheckPolicyOverride>,
+    pub storage: Storage,
+    pub cgroups: Cgroups,
+    pub canary: Canary,
+    pub podman_config: PodmanConfig,
+    pub control: Control,
 }
 
-impl Default for Settings {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Runner {
+    /// The user whose rootless Podman serves CI jobs.
+    #[serde(deserialize_with = "user_name")]
+    pub user: String,
+}
+
+impl Default for Runner {
     fn default() -> Self {
-        Settings {
-            runner_user: "core".into(),
-            subid_count: 65536,
-            subid_lock_timeout: Duration::from_secs(15),
-            user_manager_timeout: Duration::from_secs(30),
-            podman_socket_unit: "podman.socket".into(),
-            podman_api_timeout: Duration::from_secs(5),
-            unprivileged_port_start: 80,
-            listen: SocketAddr::from(([0, 0, 0, 0], 9739)),
+        Runner { user: "core".into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Subids {
+    /// Minimum number of subordinate UIDs and GIDs the runner user must own.
+    #[serde(deserialize_with = "id_count")]
+    pub count: u32,
+    /// How long to wait for the shadow-utils locks.
+    #[serde(with = "duration")]
+    pub lock_timeout: Duration,
+}
+
+impl Default for Subids {
+    fn default() -> Self {
+        Subids { count: 65536, lock_timeout: Duration::from_secs(15) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Linger {
+    /// How long to wait for `user@UID.service` and for jobs in the user's manager.
+    #[serde(with = "duration")]
+    pub user_manager_timeout: Duration,
+}
+
+impl Default for Linger {
+    fn default() -> Self {
+        Linger { user_manager_timeout: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Podman {
+    /// The Podman API socket unit in the runner user's manager.
+    #[serde(deserialize_with = "unit_name")]
+    pub socket_unit: String,
+    /// Bound on one Podman API request.
+    #[serde(with = "duration")]
+    pub api_timeout: Duration,
+}
+
+impl Default for Podman {
+    fn default() -> Self {
+        Podman { socket_unit: "podman.socket".into(), api_timeout: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sysctl {
+    /// `net.ipv4.ip_unprivileged_port_start`, live and persisted.
+    pub unprivileged_port_start: u16,
+}
+
+impl Default for Sysctl {
+    fn default() -> Self {
+        Sysctl { unprivileged_port_start: 80 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    /// Address of the read-only health endpoint.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http { listen: SocketAddr::from(([0, 0, 0, 0], 9739)) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Repair {
+    /// Full re-check of every step even without events.
+    #[serde(with = "duration")]
+    pub resync_interval: Duration,
+    /// First and largest delay between repair attempts of a failing step.
+    #[serde(with = "duration")]
+    pub backoff_min: Duration,
+    #[serde(with = "duration")]
+    pub backoff_max: Duration,
+}
+
+impl Default for Repair {
+    fn default() -> Self {
+        Repair {
             resync_interval: Duration::from_secs(30),
-            repair_backoff_min: Duration::from_secs(1),
-            repair_backoff_max: Duration::from_secs(60),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
         }
     }
 }
 
-/// One file's worth of settings: every key optional, unknown keys rejected.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Fragment {
-    #[serde(default)]
-    runner: RunnerSection,
-    #[serde(default)]
-    subids: SubidsSection,
-    #[serde(default)]
-    linger: LingerSection,
-    #[serde(default)]
-    podman: PodmanSection,
-    #[serde(default)]
-    sysctl: SysctlSection,
-    #[serde(default)]
-    http: HttpSection,
-    #[serde(default)]
-    repair: RepairSection,
+/// Thresholds for the runner user's Podman storage (kubelet's defaults as a model).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// Not ready when the storage file system is this full (percent of blocks).
+    #[serde(deserialize_with = "percent")]
+    pub not_ready_percent: u8,
+    /// Not ready when this share of inodes is used.
+    #[serde(deserialize_with = "percent")]
+    pub inodes_not_ready_percent: u8,
+    /// Unused images are removed, oldest first, from this use...
+    #[serde(deserialize_with = "percent")]
+    pub gc_high_percent: u8,
+    /// ...down to this one.
+    #[serde(deserialize_with = "percent")]
+    pub gc_low_percent: u8,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RunnerSection {
-    #[serde(default, deserialize_with = "user_name")]
-    user: Option<String>,
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            not_ready_percent: 90,
+            inodes_not_ready_percent: 95,
+            gc_high_percent: 85,
+            gc_low_percent: 80,
+        }
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubidsSection {
-    #[serde(default, deserialize_with = "id_count")]
-    count: Option<u32>,
-    #[serde(default, deserialize_with = "duration")]
-    lock_timeout: Option<Duration>,
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cgroups {
+    /// Write a drop-in delegating `cpu memory pids` to `user@.service` when missing.
+    pub fix_delegation: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LingerSection {
-    #[serde(default, deserialize_with = "duration")]
-    user_manager_timeout: Option<Duration>,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Canary {
+    /// A locally present image to create and remove a container from; empty: no canary.
+    pub image: String,
+    /// At most one canary run per interval.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Bound on one canary run.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PodmanSection {
-    #[serde(default, deserialize_with = "unit_name")]
-    socket_unit: Option<String>,
-    #[serde(default, deserialize_with = "duration")]
-    api_timeout: Option<Duration>,
+impl Default for Canary {
+    fn default() -> Self {
+        Canary { image: String::new(), interval: Duration::from_secs(300), timeout: Duration::from_secs(30) }
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SysctlSection {
-    unprivileged_port_start: Option<u16>,
+/// The runner user's own Podman configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PodmanConfig {
+    /// Manage `~/.config/containers/{storage.conf,containers.conf}` of the runner user.
+    pub manage: bool,
+    /// `[storage] driver`: native rootless overlay rather than the slow vfs.
+    pub storage_driver: String,
+    /// `[network] default_rootless_network_cmd` ("pasta" or "slirp4netns"); empty: Podman's.
+    pub network_cmd: String,
+    /// Registry host -> credential helper (`ecr-login` runs `docker-credential-ecr-login`).
+    pub cred_helpers: BTreeMap<String, String>,
+    /// Link /var/run/docker.sock to the user's Podman socket for tools that hard-code it.
+    pub docker_socket_link: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpSection {
-    #[serde(default, deserialize_with = "socket_addr")]
-    listen: Option<SocketAddr>,
+impl Default for PodmanConfig {
+    fn default() -> Self {
+        PodmanConfig {
+            manage: true,
+            storage_driver: "overlay".into(),
+            network_cmd: String::new(),
+            cred_helpers: BTreeMap::new(),
+            docker_socket_link: false,
+        }
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RepairSection {
-    #[serde(default, deserialize_with = "duration")]
-    resync_interval: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    backoff_min: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    backoff_max: Option<Duration>,
+/// Where controls that change the node (drain) are accepted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Control {
+    /// Root-only Unix socket for `executor-agent drain` / `undrain`.
+    pub socket: PathBuf,
+    /// A root-only file holding a bearer token that allows `POST /drain` and `POST /undrain`
+    /// on the HTTP endpoint; empty: no control over HTTP.
+    pub token_file: PathBuf,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control { socket: PathBuf::from("/run/executor-agent/control.sock"), token_file: PathBuf::new() }
+    }
+}
+
+impl Settings {
+    /// The policy of one check: the configured one, or the check's default.
+    pub fn check_policy(&self, name: &str) -> CheckPolicy {
+        let default = CheckPolicy::default_for(name);
+        self.checks.get(name).map_or(default, |o| o.apply(default))
+    }
 }
 
 /// A configuration error, always naming where it came from.
@@ -209,47 +327,93 @@ pub fn load(root: &Root, main: Option<&Path>) -> Result<Settings, ConfigError> {
 
 /// Applies fragments in order over the defaults; exposed for tests and fuzzing.
 pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Settings, ConfigError> {
-    let mut settings = Settings::default();
-    let mut backoff_origin = None;
+    let mut merged = toml::Table::new();
+    // "section.key" -> the file that set it last, to name it in cross-key errors.
+    let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (file, text) in fragments {
-        let fragment = parse_fragment(file, text)?;
-        set(&mut settings.runner_user, fragment.runner.user);
-        set(&mut settings.subid_count, fragment.subids.count);
-        set(&mut settings.subid_lock_timeout, fragment.subids.lock_timeout);
-        set(&mut settings.user_manager_timeout, fragment.linger.user_manager_timeout);
-        set(&mut settings.podman_socket_unit, fragment.podman.socket_unit);
-        set(&mut settings.podman_api_timeout, fragment.podman.api_timeout);
-        set(&mut settings.unprivileged_port_start, fragment.sysctl.unprivileged_port_start);
-        set(&mut settings.listen, fragment.http.listen);
-        set(&mut settings.resync_interval, fragment.repair.resync_interval);
-        if fragment.repair.backoff_min.is_some() || fragment.repair.backoff_max.is_some() {
-            backoff_origin = Some(file.to_path_buf());
-        }
-        set(&mut settings.repair_backoff_min, fragment.repair.backoff_min);
-        set(&mut settings.repair_backoff_max, fragment.repair.backoff_max);
+        // Validating each file alone is what lets an error name the file and line.
+        parse_fragment(file, text)?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            line: 1,
+            key: "(syntax)".into(),
+            message: e.message().to_string(),
+        })?;
+        deep_merge(&mut merged, table, "", file, &mut origin);
     }
-    if settings.repair_backoff_min > settings.repair_backoff_max {
-        return Err(ConfigError::Conflict {
-            file: backoff_origin.unwrap_or_else(|| PathBuf::from(MAIN_CONFIG)),
-            key: "repair.backoff_min".into(),
-            message: format!(
-                "{} is larger than repair.backoff_max {}",
-                humantime::format_duration(settings.repair_backoff_min),
-                humantime::format_duration(settings.repair_backoff_max)
-            ),
-        });
-    }
+    let settings: Settings =
+        Settings::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Conflict {
+            file: PathBuf::from(MAIN_CONFIG),
+            key: "(merged)".into(),
+            message: e.to_string(),
+        })?;
+    validate_across_keys(&settings, &origin)?;
     Ok(settings)
 }
 
-/// A key set in a later file replaces the earlier value.
-fn set<T>(slot: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *slot = v;
+fn deep_merge(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    file: &Path,
+    origin: &mut BTreeMap<String, PathBuf>,
+) {
+    for (key, value) in from {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => {
+                deep_merge(existing, new, &path, file, origin)
+            }
+            (_, value) => {
+                if let toml::Value::Table(t) = &value {
+                    for k in t.keys() {
+                        origin.insert(format!("{path}.{k}"), file.to_path_buf());
+                    }
+                }
+                origin.insert(path, file.to_path_buf());
+                into.insert(key, value);
+            }
+        }
     }
 }
 
-fn parse_fragment(file: &Path, text: &str) -> Result<Fragment, ConfigError> {
+/// Rules between keys, checked on the merged result; the error names the last file that
+/// set one of the keys involved.
+fn validate_across_keys(s: &Settings, origin: &BTreeMap<String, PathBuf>) -> Result<(), ConfigError> {
+    let conflict = |keys: &[&str], key: &str, message: String| {
+        let file = keys.iter().filter_map(|k| origin.get(*k)).next_back().cloned();
+        Err(ConfigError::Conflict {
+            file: file.unwrap_or_else(|| PathBuf::from(MAIN_CONFIG)),
+            key: key.into(),
+            message,
+        })
+    };
+    if s.repair.backoff_min > s.repair.backoff_max {
+        return conflict(
+            &["repair.backoff_min", "repair.backoff_max"],
+            "repair.backoff_min",
+            format!(
+                "{} is larger than repair.backoff_max {}",
+                humantime::format_duration(s.repair.backoff_min),
+                humantime::format_duration(s.repair.backoff_max)
+            ),
+        );
+    }
+    let st = &s.storage;
+    if !(st.gc_low_percent < st.gc_high_percent && st.gc_high_percent <= st.not_ready_percent) {
+        return conflict(
+            &["storage.gc_low_percent", "storage.gc_high_percent", "storage.not_ready_percent"],
+            "storage",
+            format!(
+                "need gc_low_percent < gc_high_percent <= not_ready_percent, got {} / {} / {}",
+                st.gc_low_percent, st.gc_high_percent, st.not_ready_percent
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn parse_fragment(file: &Path, text: &str) -> Result<Settings, ConfigError> {
     let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
         let line = span.map(|s| line_of(text, s.start)).unwrap_or(1);
         ConfigError::Invalid { file: file.to_path_buf(), line, key, message }
@@ -270,26 +434,41 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    let value = humantime::parse_duration(&text)
-        .map_err(|e| D::Error::custom(format!("{text:?} is not a duration like \"15s\" or \"2m\": {e}")))?;
-    if value.is_zero() {
-        return Err(D::Error::custom("must be longer than 0s"));
+/// Durations written like "15s" or "2m", never zero.
+mod duration {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
     }
-    Ok(Some(value))
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        let value = humantime::parse_duration(&text).map_err(|e| {
+            D::Error::custom(format!("{text:?} is not a duration like \"15s\" or \"2m\": {e}"))
+        })?;
+        if value.is_zero() {
+            return Err(D::Error::custom("must be longer than 0s"));
+        }
+        Ok(value)
+    }
 }
 
-fn id_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+fn id_count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let value = i64::deserialize(d)?;
-    // Podman needs at least 65536 for common images; fewer is allowed but never zero.
     match u32::try_from(value) {
-        Ok(v) if v > 0 => Ok(Some(v)),
+        Ok(v) if v > 0 => Ok(v),
         _ => Err(D::Error::custom(format!("{value} is not a count between 1 and {}", u32::MAX))),
     }
 }
 
-fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    let value = i64::deserialize(d)?;
+    match u8::try_from(value) {
+        Ok(v) if (1..=100).contains(&v) => Ok(v),
+        _ => Err(D::Error::custom(format!("{value} is not a percentage between 1 and 100"))),
+    }
+}
+
+fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = String::deserialize(d)?;
     // shadow-utils' default NAME_REGEX, with its 32-character limit.
     let valid_first = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
@@ -300,10 +479,10 @@ fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
             "{name:?} is not a valid user name (lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32)"
         )));
     }
-    Ok(Some(name))
+    Ok(name)
 }
 
-fn unit_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn unit_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = String::deserialize(d)?;
     let valid = name.ends_with(".socket")
         && name.len() > ".socket".len()
@@ -311,65 +490,33 @@ fn unit_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
     if !valid {
         return Err(D::Error::custom(format!("{name:?} is not a socket unit name like \"podman.socket\"")));
     }
-    Ok(Some(name))
+    Ok(name)
 }
 
-fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(d)?;
-    text.parse().map(Some).map_err(|_| {
+    text.parse().map_err(|_| {
         D::Error::custom(format!("{text:?} is not an address like \"0.0.0.0:9739\" or \"[::1]:9739\""))
     })
 }
 
-/// Serialises durations the way they are written in the config ("15s").
-mod humantime_serde_compat {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+fn check_policies<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, CheckPolicyOverride>, D::Error> {
+    let map = BTreeMap::<String, CheckPolicyOverride>::deserialize(d)?;
+    if let Some(unknown) = map.keys().find(|k| !ALL_CHECKS.contains(&k.as_str())) {
+        return Err(D::Error::custom(format!(
+            "no check is called {unknown:?}; checks are {}",
+            ALL_CHECKS.join(", ")
+        )));
     }
+    Ok(map)
 }
 
 impl fmt::Display for Settings {
+    /// The effective configuration, in the file's format (`executor-agent config`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = toml::to_string(&crate::config::SettingsView::from(self)).map_err(|_| fmt::Error)?;
-        f.write_str(&text)
-    }
-}
-
-/// The effective configuration in the same shape as the file, for `executor-agent config`.
-#[derive(serde::Serialize)]
-pub struct SettingsView {
-    runner: BTreeMap<&'static str, String>,
-    subids: BTreeMap<&'static str, toml::Value>,
-    linger: BTreeMap<&'static str, String>,
-    podman: BTreeMap<&'static str, String>,
-    sysctl: BTreeMap<&'static str, i64>,
-    http: BTreeMap<&'static str, String>,
-    repair: BTreeMap<&'static str, String>,
-}
-
-impl From<&Settings> for SettingsView {
-    fn from(s: &Settings) -> Self {
-        let d = |d: Duration| humantime::format_duration(d).to_string();
-        SettingsView {
-            runner: [("user", s.runner_user.clone())].into(),
-            subids: [
-                ("count", toml::Value::Integer(s.subid_count.into())),
-                ("lock_timeout", toml::Value::String(d(s.subid_lock_timeout))),
-            ]
-            .into(),
-            linger: [("user_manager_timeout", d(s.user_manager_timeout))].into(),
-            podman: [("socket_unit", s.podman_socket_unit.clone()), ("api_timeout", d(s.podman_api_timeout))]
-                .into(),
-            sysctl: [("unprivileged_port_start", s.unprivileged_port_start.into())].into(),
-            http: [("listen", s.listen.to_string())].into(),
-            repair: [
-                ("resync_interval", d(s.resync_interval)),
-                ("backoff_min", d(s.repair_backoff_min)),
-                ("backoff_max", d(s.repair_backoff_max)),
-            ]
-            .into(),
-        }
+        f.write_str(&toml::to_string(self).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -385,10 +532,12 @@ mod tests {
     fn no_file_means_documented_defaults() {
         let s = merged(&[]).unwrap();
         assert_eq!(s, Settings::default());
-        assert_eq!(s.runner_user, "core");
-        assert_eq!(s.subid_count, 65536);
-        assert_eq!(s.listen.to_string(), "0.0.0.0:9739");
-        assert_eq!(s.unprivileged_port_start, 80);
+        assert_eq!(s.runner.user, "core");
+        assert_eq!(s.subids.count, 65536);
+        assert_eq!(s.http.listen.to_string(), "0.0.0.0:9739");
+        assert_eq!(s.sysctl.unprivileged_port_start, 80);
+        assert!(s.check_policy("podman-api").required);
+        assert!(!s.check_policy("docker-cli").required);
     }
 
     #[test]
@@ -396,11 +545,20 @@ mod tests {
         let s = merged(&[
             ("/etc/executor-agent/config.toml", "[runner]\nuser = \"ci\"\n[subids]\ncount = 70000\n"),
             ("/etc/executor-agent/config.d/50-count.toml", "[subids]\ncount = 131072\n"),
+            ("/etc/executor-agent/config.d/60-checks.toml", "[checks.docker-cli]\nrequired = true\n"),
+            (
+                "/etc/executor-agent/config.d/70-helpers.toml",
+                "[podman_config.cred_helpers]\n\"1.dkr.ecr.eu-west-1.amazonaws.com\" = \"ecr-login\"\n",
+            ),
         ])
         .unwrap();
-        assert_eq!(s.runner_user, "ci");
-        assert_eq!(s.subid_count, 131072);
-        assert_eq!(s.subid_lock_timeout, Duration::from_secs(15));
+        assert_eq!(s.runner.user, "ci");
+        assert_eq!(s.subids.count, 131072);
+        assert_eq!(s.subids.lock_timeout, Duration::from_secs(15));
+        assert!(s.check_policy("docker-cli").required);
+        assert_eq!(s.check_policy("docker-cli").failures_before_critical, 1);
+        assert_eq!(s.podman_config.cred_helpers["1.dkr.ecr.eu-west-1.amazonaws.com"], "ecr-login");
+        assert!(s.podman_config.manage);
     }
 
     #[test]
@@ -430,6 +588,15 @@ mod tests {
             ("[sysctl]\nunprivileged_port_start = 70000\n", "sysctl.unprivileged_port_start", 2),
             ("\n[http]\nlisten = \"localhost\"\n", "http.listen", 3),
             ("[podman]\nsocket_unit = \"podman.service\"\n", "podman.socket_unit", 2),
+            ("[storage]\ngc_high_percent = 101\n", "storage.gc_high_percent", 2),
+            ("[checks.nonsense]\nrequired = true\n", "checks", 1),
+            ("[checks.docker-cli]\nrequired = \"yes\"\n", "checks.docker-cli.required", 2),
+            (
+                "[checks.docker-cli]\nfailures_before_critical = 0\n",
+                "checks.docker-cli.failures_before_critical",
+                2,
+            ),
+            ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
         ];
         for (text, key, line) in cases {
             let err = merged(&[("/etc/executor-agent/config.d/10-bad.toml", text)]).unwrap_err();
@@ -446,9 +613,15 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_backoff_is_rejected() {
+    fn rules_across_keys_name_the_file_that_broke_them() {
         let err = merged(&[("/etc/y.toml", "[repair]\nbackoff_min = \"2m\"\n")]).unwrap_err();
         assert!(err.to_string().starts_with("/etc/y.toml: repair.backoff_min"), "{err}");
+        let err = merged(&[
+            ("/etc/a.toml", "[storage]\ngc_low_percent = 50\n"),
+            ("/etc/b.toml", "[storage]\ngc_high_percent = 40\n"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().starts_with("/etc/b.toml: storage: need gc_low_percent"), "{err}");
     }
 
     #[test]
@@ -480,9 +653,9 @@ mod tests {
             .map(PathBuf::from)
         );
         let s = load(&root, None).unwrap();
-        assert_eq!(s.subid_count, 3);
-        assert_eq!(s.runner_user, "main");
-        assert_eq!(s.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(s.subids.count, 3);
+        assert_eq!(s.runner.user, "main");
+        assert_eq!(s.http.listen.to_string(), "127.0.0.1:1");
     }
 
     #[test]
@@ -503,7 +676,9 @@ mod tests {
 
     #[test]
     fn effective_config_round_trips() {
-        let s = Settings::default();
+        let mut s = Settings::default();
+        s.checks.insert("canary".into(), CheckPolicyOverride { required: Some(true), ..Default::default() });
+        s.podman_config.cred_helpers.insert("registry.example".into(), "ecr-login".into());
         let text = s.to_string();
         let back = merged(&[("/x.toml", &text)]).unwrap();
         assert_eq!(back, s);

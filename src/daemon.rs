@@ -18,7 +18,7 @@ const TICK: Duration = Duration::from_secs(5);
 /// A pass that takes longer than this is abandoned (its helpers killed) so the loop goes on.
 pub fn pass_limit(settings: &crate::config::Settings) -> Duration {
     // Linger's start job, then podman.socket's stop and restart jobs, then two API requests.
-    settings.user_manager_timeout * 4 + settings.podman_api_timeout * 2
+    settings.linger.user_manager_timeout * 4 + settings.podman.api_timeout * 2
 }
 
 /// Events often come in bursts (a rename is a delete and a create): wait this long for more.
@@ -111,8 +111,8 @@ pub async fn repair_pass(
                 Err(e) => {
                     let delay = backoff.entry(step).or_default().failed(
                         now,
-                        cx.settings.repair_backoff_min,
-                        cx.settings.repair_backoff_max,
+                        cx.settings.repair.backoff_min,
+                        cx.settings.repair.backoff_max,
                     );
                     tracing::warn!(
                         message_id = journal::REPAIR_FAILED,
@@ -256,9 +256,9 @@ pub async fn run(cx: Context) -> Result<()> {
     let (snapshot_tx, snapshot_rx) =
         watch::channel(Snapshot { checks: CheckSet::pending(SystemTime::now()), heartbeat: Instant::now() });
 
-    let listener = tokio::net::TcpListener::bind(cx.settings.listen)
+    let listener = tokio::net::TcpListener::bind(cx.settings.http.listen)
         .await
-        .with_context(|| format!("listening on {} (http.listen)", cx.settings.listen))?;
+        .with_context(|| format!("listening on {} (http.listen)", cx.settings.http.listen))?;
     let state = Arc::new(AppState {
         snapshot: snapshot_rx,
         started,
@@ -330,12 +330,12 @@ pub async fn run(cx: Context) -> Result<()> {
                 notify(&[sd_notify::NotifyState::Ready]);
                 first_pass = false;
             }
-            next_resync = Instant::now() + cx.settings.resync_interval;
+            next_resync = Instant::now() + cx.settings.repair.resync_interval;
             files.arm(&watched_dirs(&cx));
             if cx.root.is_host() {
                 let manager_up = checks.checks().iter().any(|c| c.name == "linger" && c.ok);
                 if manager_up {
-                    user_watch.ensure_running(&cx.user, &cx.settings.podman_socket_unit, &wake);
+                    user_watch.ensure_running(&cx.user, &cx.settings.podman.socket_unit, &wake);
                 }
             }
         }

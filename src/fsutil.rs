@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{fchown, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,18 +101,29 @@ impl fmt::Display for SymlinkRefused {
 
 impl std::error::Error for SymlinkRefused {}
 
-/// The I/O steps of a replacement, so that tests can make each one fail.
+/// The I/O steps of a replacement, so that tests can make each one fail. The default
+/// methods also carry fail points (`fsutil-write`, `fsutil-fsync`, `fsutil-rename`,
+/// `fsutil-sync-dir`), so that a build with the `failpoints` feature can fail them
+/// from outside with `FAILPOINTS=fsutil-write=return(ENOSPC)`.
 pub(crate) trait FileOps {
     fn write_all(&self, file: &mut File, contents: &[u8]) -> io::Result<()> {
+        if let Err(e) = failpoint("fsutil-write") {
+            // A short write first, like a disk filling up mid-way.
+            file.write_all(&contents[..contents.len() / 2])?;
+            return Err(e);
+        }
         file.write_all(contents)
     }
     fn sync(&self, file: &File) -> io::Result<()> {
+        failpoint("fsutil-fsync")?;
         file.sync_all()
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        failpoint("fsutil-rename")?;
         fs::rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        failpoint("fsutil-sync-dir")?;
         File::open(dir)?.sync_all()
     }
 }
@@ -144,7 +156,9 @@ pub(crate) fn replace_with(
 
     let (mut file, temp) = create_temp(dir, &name.to_string_lossy())?;
     let step = |what: &'static str, r: io::Result<()>| r.map_err(|e| with_context(what, &temp.0, e));
+    step("creating", failpoint("fsutil-after-temp-create"))?;
     step("writing", ops.write_all(&mut file, contents))?;
+    step("writing", failpoint("fsutil-after-temp-write"))?;
     // chown before chmod: chown clears set-id bits.
     step("changing owner of", fchown(&file, Some(meta.uid), Some(meta.gid)))?;
     step("changing mode of", file.set_permissions(fs::Permissions::from_mode(meta.mode)))?;
@@ -152,9 +166,11 @@ pub(crate) fn replace_with(
         step("labelling", set_selinux_label(&file, label))?;
     }
     step("syncing", ops.sync(&file))?;
+    step("syncing", failpoint("fsutil-after-fsync"))?;
     drop(file);
     ops.rename(&temp.0, path).map_err(|e| with_context("renaming into place", path, e))?;
     temp.disarm();
+    failpoint("fsutil-after-rename").map_err(|e| with_context("renaming into place", path, e))?;
     // The rename is done; a failure here only means it may not survive a crash.
     ops.sync_dir(dir).map_err(|e| with_context("syncing directory", dir, e))
 }
@@ -176,6 +192,51 @@ impl Drop for TempPath {
     }
 }
 
+/// Where [`create_temp`] puts the temporary file for a file named `name`, minus the
+/// six-character suffix: `.<name>.executor-agent.`.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.executor-agent.")
+}
+
+/// True when `entry` is a name [`create_temp`] would pick for `name`.
+fn is_temp_name(entry: &[u8], name: &str) -> bool {
+    let prefix = temp_prefix(name);
+    entry
+        .strip_prefix(prefix.as_bytes())
+        .is_some_and(|rest| rest.len() == 6 && rest.iter().all(u8::is_ascii_alphanumeric))
+}
+
+/// Removes the temporary files a killed replacement of `path` left behind (only names
+/// of our exact pattern, `.<name>.executor-agent.XXXXXX`, next to `path`) and returns
+/// them. Call it only while holding a lock that keeps every other replacement of `path`
+/// away, or it may remove a live one's temporary file.
+pub(crate) fn remove_orphaned_temps(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let name = name.to_string_lossy();
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(with_context("listing", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| with_context("listing", dir, e))?;
+        if !is_temp_name(entry.file_name().as_bytes(), &name) {
+            continue;
+        }
+        let orphan = entry.path();
+        match fs::remove_file(&orphan) {
+            Ok(()) => removed.push(orphan),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_context("removing orphaned temporary file", &orphan, e)),
+        }
+    }
+    Ok(removed)
+}
+
 fn create_temp(dir: &Path, name: &str) -> io::Result<(File, TempPath)> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut last_err = None;
@@ -183,7 +244,7 @@ fn create_temp(dir: &Path, name: &str) -> io::Result<(File, TempPath)> {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
         hasher.write_u32(std::process::id());
-        let temp = dir.join(format!(".{name}.executor-agent.{}", suffix(hasher.finish())));
+        let temp = dir.join(format!("{}{}", temp_prefix(name), suffix(hasher.finish())));
         let opened = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -260,6 +321,68 @@ fn set_selinux_label(file: &File, label: &[u8]) -> io::Result<()> {
     } else {
         Err(e)
     }
+}
+
+/// A fail point: a no-op unless the crate is built with the `failpoints` feature (tests
+/// only; release builds contain none). Then `FAILPOINTS="name=action;..."` in the
+/// environment configures them, with the fail crate's actions (`sleep(ms)`, `panic`,
+/// `pause`, counts like `1*off->...`) and these for `return(ARG)`:
+/// `return(stop)` stops the process with SIGSTOP so that a test can SIGKILL it at exactly
+/// this step; `return(ENOSPC)`, `return(EIO)` (or any errno name or number) makes the
+/// step fail with that error.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn failpoint(_name: &'static str) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+pub(crate) fn failpoint(name: &'static str) -> io::Result<()> {
+    static FROM_ENV: std::sync::Once = std::sync::Once::new();
+    FROM_ENV.call_once(|| {
+        // What fail::FailScenario::setup() does, without holding its global lock for the
+        // life of the process (the agent's main() knows nothing of fail points).
+        let Ok(spec) = std::env::var("FAILPOINTS") else { return };
+        for cfg in spec.split(';').map(str::trim).filter(|c| !c.is_empty()) {
+            let Some((point, actions)) = cfg.split_once('=') else {
+                panic!("FAILPOINTS: {cfg:?} is not name=actions");
+            };
+            if let Err(e) = fail::cfg(point.trim(), actions.trim()) {
+                panic!("FAILPOINTS: {cfg:?}: {e}");
+            }
+        }
+    });
+    let Some(arg) = fail::eval(name, |arg| arg) else { return Ok(()) };
+    match arg.as_deref() {
+        Some("stop") => {
+            // SAFETY: raise has no preconditions.
+            unsafe { libc::raise(libc::SIGSTOP) };
+            Ok(())
+        }
+        Some(errno) => {
+            Err(io::Error::from_raw_os_error(errno_named(errno).unwrap_or_else(|| {
+                panic!("fail point {name}: return({errno}) is neither `stop` nor an errno")
+            })))
+        }
+        None => Err(io::Error::other(format!("fail point {name}"))),
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn errno_named(name: &str) -> Option<i32> {
+    Some(match name {
+        "ENOSPC" => libc::ENOSPC,
+        "EIO" => libc::EIO,
+        "EDQUOT" => libc::EDQUOT,
+        "EROFS" => libc::EROFS,
+        "EXDEV" => libc::EXDEV,
+        "EBUSY" => libc::EBUSY,
+        "EPERM" => libc::EPERM,
+        "EACCES" => libc::EACCES,
+        "ENOMEM" => libc::ENOMEM,
+        "EINTR" => libc::EINTR,
+        number => return number.parse().ok(),
+    })
 }
 
 /// An I/O error that says which step on which path failed and keeps the original kind.

@@ -150,7 +150,10 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stopping_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while connections.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

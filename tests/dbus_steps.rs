@@ -70,7 +70,8 @@ fn core() -> Account {
 }
 
 fn context(conn: zbus::Connection) -> Context {
-    let settings = Settings { user_manager_timeout: TIMEOUT, ..Settings::default() };
+    let mut settings = Settings::default();
+    settings.linger.user_manager_timeout = TIMEOUT;
     Context { root: Root::host(), settings, user: core(), system_bus: SystemBus::with_connection(conn) }
 }
 
@@ -541,7 +542,7 @@ async fn linger_converge_times_out_when_the_user_manager_never_comes_up() {
     d.add_unit(USER_MANAGER, Unit::loaded("static", "inactive", "dead"));
     d.plan(USER_MANAGER, JobPlan { removal: Removal::Never, ..JobPlan::default() });
     let mut cx = context(d.client().await);
-    cx.settings.user_manager_timeout = Duration::from_millis(300);
+    cx.settings.linger.user_manager_timeout = Duration::from_millis(300);
     let err = bounded(Step::Linger.converge(&cx)).await.unwrap_err();
     assert_eq!(err.to_string(), "starting user@1000.service: no result within 300ms");
 }

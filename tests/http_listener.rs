@@ -66,7 +66,8 @@ async fn answers_get_and_refuses_other_methods() {
     assert_eq!(status_line(&ok), "HTTP/1.1 200 OK");
     assert!(ok.contains("\"ready\":true"), "{ok}");
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
-        let request = format!("{method} /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("{method} /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         let response = exchange(server.addr, request.as_bytes()).await;
         assert_eq!(status_line(&response), "HTTP/1.1 405 Method Not Allowed", "{method}");
     }
@@ -77,7 +78,11 @@ async fn answers_get_and_refuses_other_methods() {
 #[tokio::test]
 async fn refuses_bodies_over_the_limit_and_chunked_ones() {
     let server = start(limits()).await;
-    let big = exchange(server.addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n").await;
+    let big = exchange(
+        server.addr,
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status_line(&big), "HTTP/1.1 413 Payload Too Large");
     let chunked = exchange(
         server.addr,
@@ -121,7 +126,8 @@ async fn drops_idle_connections_and_bounds_concurrent_ones() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A ninth client is queued, not served, while the slots are taken...
     let started = Instant::now();
-    let response = exchange(server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let response =
+        exchange(server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     let waited = started.elapsed();
     assert_eq!(status_line(&response), "HTTP/1.1 200 OK");
     // ...until the idle ones are dropped by the header timeout (0.5 s).
@@ -129,7 +135,8 @@ async fn drops_idle_connections_and_bounds_concurrent_ones() {
     assert!(waited < Duration::from_secs(3), "served after {waited:?}: idle clients were not dropped");
     for mut stream in idle {
         let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await.unwrap().unwrap_or(0);
+        let n =
+            tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await.unwrap().unwrap_or(0);
         assert_eq!(n, 0, "an idle connection was left open");
     }
 }

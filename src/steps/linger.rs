@@ -94,7 +94,7 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         if seen.manager.active_state == "failed" {
             manager.reset_failed_unit(seen.manager.name.clone()).await?;
         }
-        systemd::start(&manager, &seen.manager.name, cx.settings.user_manager_timeout).await?;
+        systemd::start(&manager, &seen.manager.name, cx.settings.linger.user_manager_timeout).await?;
         if !seen.manager.is_active() {
             changes.push(format!("started {}", seen.manager.name));
         }

@@ -30,13 +30,16 @@ struct Seen {
 }
 
 async fn see(cx: &Context) -> Seen {
-    let unit =
-        user_manager::status(&cx.user, &cx.settings.podman_socket_unit, cx.settings.user_manager_timeout)
-            .await;
+    let unit = user_manager::status(
+        &cx.user,
+        &cx.settings.podman.socket_unit,
+        cx.settings.linger.user_manager_timeout,
+    )
+    .await;
     let socket_file = socket_file_present(cx);
     // Only a real request proves the API: the socket file can outlive a dead listener.
     let api = if socket_file {
-        podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await
+        podman_api::probe(&socket_path(cx), cx.settings.podman.api_timeout).await
     } else {
         Err(anyhow::anyhow!("{} does not exist", socket_path(cx).display()))
     };
@@ -45,7 +48,7 @@ async fn see(cx: &Context) -> Seen {
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let seen = see(cx).await;
-    let unit_name = &cx.settings.podman_socket_unit;
+    let unit_name = &cx.settings.podman.socket_unit;
     let user = &cx.user.name;
     let mut plan = Vec::new();
     let socket = match &seen.unit {
@@ -92,15 +95,15 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let seen = see(cx).await;
     let unit_was_active = seen.unit.as_ref().is_ok_and(|s| s.is_active());
     let restart = unit_was_active && (!seen.socket_file || seen.api.is_err());
-    let timeout = cx.settings.user_manager_timeout;
-    let report = user_manager::ensure(&cx.user, &cx.settings.podman_socket_unit, restart, timeout).await?;
+    let timeout = cx.settings.linger.user_manager_timeout;
+    let report = user_manager::ensure(&cx.user, &cx.settings.podman.socket_unit, restart, timeout).await?;
     let changes: Vec<String> =
         report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
     // Prove the API before calling the step done.
-    if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman_api_timeout).await {
+    if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman.api_timeout).await {
         bail!(
             "{} is active but the API does not answer: {}",
-            cx.settings.podman_socket_unit,
+            cx.settings.podman.socket_unit,
             crate::journal::detail(&e)
         );
     }

@@ -24,7 +24,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
     let mut inspection = Inspection::default();
     for kind in [IdKind::Uid, IdKind::Gid] {
         let name = check_name(kind);
-        let observation = match subid::inspect(&cx.root, kind, &user, cx.settings.subid_count) {
+        let observation = match subid::inspect(&cx.root, kind, &user, cx.settings.subids.count) {
             Err(e) => Observation::fail(name, e.to_string()),
             Ok(view) => match view.would_add {
                 None => Observation::pass(name, format!("{} owns {}", user.name, ranges(&view.owned))),
@@ -40,7 +40,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
                         if view.owned.is_empty() { "no range".to_string() } else { ranges(&view.owned) };
                     Observation::fail(
                         name,
-                        format!("{} owns {has}; needs {}", user.name, cx.settings.subid_count),
+                        format!("{} owns {has}; needs {}", user.name, cx.settings.subids.count),
                     )
                 }
             },
@@ -55,7 +55,7 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let mut changes = Vec::new();
     for kind in [IdKind::Uid, IdKind::Gid] {
         let (root, count, timeout) =
-            (cx.root.clone(), cx.settings.subid_count, cx.settings.subid_lock_timeout);
+            (cx.root.clone(), cx.settings.subids.count, cx.settings.subids.lock_timeout);
         let owner = user.clone();
         // Locking may wait on another writer: keep the runtime's threads free.
         let outcome =

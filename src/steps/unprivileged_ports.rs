@@ -113,7 +113,7 @@ fn validate_against(wanted: u16, local_port_range: &str) -> Result<()> {
 }
 
 pub async fn inspect(cx: &Context) -> Inspection {
-    let wanted = cx.settings.unprivileged_port_start;
+    let wanted = cx.settings.sysctl.unprivileged_port_start;
     let persisted_path = cx.root.join(PERSISTED);
     let mut plan = Vec::new();
     let mut problems = Vec::new();
@@ -159,7 +159,7 @@ pub async fn inspect(cx: &Context) -> Inspection {
 }
 
 pub async fn converge(cx: &Context) -> Result<Vec<String>> {
-    let wanted = cx.settings.unprivileged_port_start;
+    let wanted = cx.settings.sysctl.unprivileged_port_start;
     let mut changes = Vec::new();
     if cx.root.is_host() {
         validate(wanted)?;

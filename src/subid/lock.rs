@@ -79,7 +79,11 @@ impl ShadowLock {
         let own = with_suffix(db, &format!(".{}", std::process::id()));
         loop {
             match try_link_lock(&own, &lock)? {
-                None => return Ok(ShadowLock { lock, _pwd: pwd, _local: local }),
+                None => {
+                    let held = ShadowLock { lock, _pwd: pwd, _local: local };
+                    remove_dead_pid_files(db)?;
+                    return Ok(held);
+                }
                 Some(holder) if Instant::now() >= deadline => {
                     return Err(SubidError::Locked { path: lock, holder, waited: started.elapsed() })
                 }
@@ -154,6 +158,7 @@ fn try_link_lock(own: &Path, lock: &Path) -> Result<Option<LockHolder>, SubidErr
     }
     let _own = RemoveOnDrop(own);
     write_pid_file(own).map_err(io_err("writing", own))?;
+    crate::fsutil::failpoint("subid-lock-pid-written").map_err(io_err("writing", own))?;
     match fs::hard_link(own, lock) {
         Ok(()) => return check_link_count(own, lock).map(|()| None),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -184,6 +189,52 @@ fn try_link_lock(own: &Path, lock: &Path) -> Result<Option<LockHolder>, SubidErr
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(LockHolder::Unknown)),
         Err(e) => Err(io_err("linking", lock)(e)),
     }
+}
+
+/// Removes `<db>.<pid>` files whose process is dead: what a writer (shadow-utils or us)
+/// killed between writing its PID file and removing it leaves behind. Only files that
+/// hold exactly their own PID (and an optional NUL) go, so that an administrator's
+/// `subuid.2024` copy stays. Called while holding the lock.
+fn remove_dead_pid_files(db: &Path) -> Result<(), SubidError> {
+    let (Some(dir), Some(name)) = (db.parent(), db.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SubidError + 'a {
+        move |source| SubidError::Io { op, path: path.to_owned(), source }
+    }
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        let file_name = entry.file_name();
+        let Some(digits) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Ok(pid) = digits.parse::<i32>() else { continue };
+        if pid <= 0
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || pid == std::process::id() as i32
+            || kill(Pid::from_raw(pid), None) != Err(Errno::ESRCH)
+        {
+            continue;
+        }
+        let path = entry.path();
+        let mut contents = Vec::new();
+        let readable = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .and_then(|f| f.take(32).read_to_end(&mut contents));
+        let exact = contents == digits.as_bytes() || contents == [digits.as_bytes(), b"\0"].concat();
+        if readable.is_err() || !exact {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::warn!("removed {}, left by a writer that died (PID {pid})", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing stale PID file", &path)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// `<pid>` and a NUL, exactly what shadow-utils writes and parses.

@@ -152,7 +152,13 @@ pub fn ensure(
     check_user(user)?;
     let limits = Limits::from_login_defs(root, kind)?;
     let path = root.join(kind.file_name());
-    let _lock = lock::ShadowLock::acquire(root, &path, lock_timeout)?;
+    let lock = lock::ShadowLock::acquire(root, &path, lock_timeout)?;
+    failpoint("subid-after-lock", &path)?;
+    let backup = lock::with_suffix(&path, "-");
+    // Only we write these two files under this lock, so a temporary file of ours here is
+    // an orphan of a run that was killed mid-write.
+    remove_orphaned_temps(&path)?;
+    remove_orphaned_temps(&backup)?;
     let current = read_current(&path)?;
     let bytes = current.as_ref().map_or(&[][..], |(bytes, _)| bytes);
     let plan = allocate(&SubidFile::parse(&path, bytes)?, user, count, &limits)?;
@@ -163,15 +169,33 @@ pub fn ensure(
     let meta = match &current {
         // Like shadow-utils: the backup is the previous file with its owner, mode and label.
         Some((old, meta)) => {
-            let backup = lock::with_suffix(&path, "-");
             fsutil::replace_file_with_meta(&backup, old, meta)
                 .map_err(|e| io_error("replacing", &backup, e))?;
+            failpoint("subid-after-backup", &backup)?;
             meta.clone()
         }
         None => FileMeta::new_file(0o644),
     };
     fsutil::replace_file_with_meta(&path, &contents, &meta).map_err(|e| io_error("replacing", &path, e))?;
+    failpoint("subid-before-unlock", &path)?;
+    drop(lock);
     Ok(EnsureOutcome::Added { range })
+}
+
+fn failpoint(name: &'static str, path: &Path) -> Result<(), SubidError> {
+    fsutil::failpoint(name).map_err(|source| SubidError::Io { op: name, path: path.to_owned(), source })
+}
+
+fn remove_orphaned_temps(path: &Path) -> Result<(), SubidError> {
+    let removed = fsutil::remove_orphaned_temps(path).map_err(|source| SubidError::Io {
+        op: "cleaning up after an interrupted write to",
+        path: path.to_owned(),
+        source,
+    })?;
+    for orphan in removed {
+        tracing::warn!("removed {}, left by an interrupted write", orphan.display());
+    }
+    Ok(())
 }
 
 /// A name with `:` or a line break would corrupt the file; one starting with `#` would

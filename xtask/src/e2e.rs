@@ -35,6 +35,8 @@ struct Suite {
     pristine: PathBuf,
     figures: Vec<Figure>,
     counter: usize,
+    /// Console logs of the current scenario's nodes, printed when it fails.
+    logs: Vec<PathBuf>,
 }
 
 type Scenario = fn(&mut Suite) -> Result<()>;
@@ -62,12 +64,13 @@ pub fn cmd_e2e() -> Result<()> {
 /// Runs every scenario; prints the figures and `N passed, N failed`.
 pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
     node::cleanup_leftovers("e2e-")?;
-    let mut suite = Suite { agent, pristine, figures: Vec::new(), counter: 0 };
+    let mut suite = Suite { agent, pristine, figures: Vec::new(), counter: 0, logs: Vec::new() };
     let (mut passed, mut failed) = (0, 0);
     let started = Instant::now();
     for (name, scenario) in SCENARIOS {
         eprintln!("\n==> e2e: {name}");
         let t = Instant::now();
+        suite.logs.clear();
         match scenario(&mut suite) {
             Ok(()) => {
                 passed += 1;
@@ -76,6 +79,9 @@ pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
             Err(e) => {
                 failed += 1;
                 println!("FAIL  {name} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
+                for log in &suite.logs {
+                    println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 30)));
+                }
             }
         }
     }
@@ -101,7 +107,9 @@ impl Suite {
     fn node(&mut self, extras: &Extras) -> Result<Node> {
         self.counter += 1;
         let name = format!("e2e-{}", self.counter);
-        Node::create(&name, &self.pristine, &self.agent, extras)
+        let node = Node::create(&name, &self.pristine, &self.agent, extras)?;
+        self.logs.push(node.log.clone());
+        Ok(node)
     }
 
     /// A fresh node booted until `/readyz` answers 200; records boot and ready times.
@@ -558,6 +566,12 @@ fn compare_stamps(before: &[(PathBuf, Stamp)], after: &[(PathBuf, Stamp)]) -> Re
 
 fn show(out: &std::process::Output) -> String {
     format!("{} {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read: {e})"));
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 fn indent(text: &str) -> String {

@@ -59,13 +59,22 @@ impl Node {
             boot_started_us: 0,
             boot_started: None,
         };
+        let t = Instant::now();
         host::run(host::cmd("cp", ["-a", "--reflink=auto"]).arg(pristine).arg(&dir))
             .context("copying the pristine tree failed")?;
         host::write(dir.join("etc/machine-id"), format!("{}\n", random_hex(16)?))?;
         host::write(dir.join("etc/hostname"), format!("{name}\n"))?;
+        let copied = t.elapsed();
         let ign = ignition::render_local(agent, extras, &work)?;
+        let rendered = t.elapsed() - copied;
         apply_ignition(&dir, &ign, &work)?;
         first_boot_presets(&dir)?;
+        eprintln!(
+            "    node {name}: tree copied in {:.1} s, Ignition config rendered in {:.1} s, applied in {:.1} s",
+            copied.as_secs_f64(),
+            rendered.as_secs_f64(),
+            (t.elapsed() - copied - rendered).as_secs_f64()
+        );
         Ok(node)
     }
 
@@ -360,7 +369,9 @@ impl Node {
 
     /// Powers off (kill on timeout) and deletes the copy, its work files and pid file.
     pub fn destroy(&mut self) -> Result<()> {
+        let t = Instant::now();
         self.poweroff(Duration::from_secs(20))?;
+        let powered_off = t.elapsed();
         for path in [self.dir.clone(), nodes_dir().join(format!("{}.work", self.name))] {
             if path.exists() {
                 std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
@@ -368,6 +379,12 @@ impl Node {
         }
         let _ = std::fs::remove_file(nodes_dir().join(format!("{}.pid", self.name)));
         self.detached = true;
+        eprintln!(
+            "    node {}: powered off in {:.1} s, deleted in {:.1} s",
+            self.name,
+            powered_off.as_secs_f64(),
+            (t.elapsed() - powered_off).as_secs_f64()
+        );
         Ok(())
     }
 
