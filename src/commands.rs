@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::checks::{Check, CheckSet};
+use crate::checks::Check;
 use crate::cli::{Cli, Command};
 use crate::config::{self, Settings};
 use crate::daemon;
@@ -50,7 +50,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Apply => {
             let cx = context(root.clone(), load(&root)?)?;
-            let steps = Step::for_root(&cx.root);
+            let steps = Step::for_context(&cx);
             let seen = steps::inspect_all(&cx, &steps).await;
             let pass = daemon::repair_pass(&cx, &steps, seen, &mut HashMap::new()).await;
             for (step, change) in &pass.changes {
@@ -59,7 +59,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             for (step, error) in &pass.errors {
                 eprintln!("error: {} -> {}", step.name(), journal::chain(error));
             }
-            let mut set = CheckSet::default();
+            let mut set = daemon::pending_checks(&cx, &steps);
             set.record(daemon::observations(&pass), SystemTime::now());
             print_table(set.checks());
             println!("{}", set.status_line());
@@ -67,8 +67,9 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { json } => {
             let cx = context(root.clone(), load(&root)?)?;
-            let inspections = steps::inspect_all(&cx, &Step::for_root(&cx.root)).await;
-            let mut set = CheckSet::default();
+            let steps = Step::for_context(&cx);
+            let inspections = steps::inspect_all(&cx, &steps).await;
+            let mut set = daemon::pending_checks(&cx, &steps);
             set.record(
                 inspections.iter().flat_map(|(_, i)| i.observations.clone()).collect(),
                 SystemTime::now(),

@@ -76,19 +76,25 @@ pub async fn repair_pass(
     let mut inspections: HashMap<Step, Inspection> = seen.into_iter().collect();
     let mut changes = Vec::new();
     let mut errors = Vec::new();
-    let mut repaired = Vec::new();
-    // Two rounds: steps with no unmet dependency, then those whose dependency is now met.
-    for round in 0..2 {
+    let mut attempted: Vec<Step> = Vec::new();
+    // Rounds: each repairs, concurrently, the drifted steps whose predecessors were
+    // attempted in an earlier round and whose requirements pass.
+    loop {
         let due: Vec<Step> = steps
             .iter()
             .copied()
-            .filter(|s| {
-                !inspections[s].converged() && !repaired.contains(s) && !errors.iter().any(|(e, _)| e == s)
-            })
+            .filter(|s| !inspections[s].converged() && s.repairs(cx) && !attempted.contains(s))
             .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
-            .filter(|s| s.depends_on().is_none_or(|d| inspections.get(&d).is_none_or(|i| i.converged())))
-            .filter(|s| round == 1 || s.depends_on().is_none())
+            .filter(|s| {
+                s.after().iter().all(|d| {
+                    !steps.contains(d) || attempted.contains(d) || inspections.get(d).is_none_or(|i| i.converged())
+                })
+            })
+            .filter(|s| s.requires().iter().all(|d| inspections.get(d).is_none_or(|i| i.converged())))
             .collect();
+        if due.is_empty() {
+            break;
+        }
         let outcomes = futures_util::future::join_all(due.iter().map(|s| async move {
             let started = Instant::now();
             let outcome = s.converge(cx).await;
@@ -126,7 +132,7 @@ pub async fn repair_pass(
                     errors.push((step, e));
                 }
             }
-            repaired.push(step);
+            attempted.push(step);
         }
         let again = steps::inspect_all(cx, &due).await;
         inspections.extend(again);
@@ -202,6 +208,12 @@ async fn keep_watchdog_fed(snapshot: watch::Receiver<Snapshot>, every: Duration,
     }
 }
 
+/// Every check the steps will report, with the configured policies, none run yet.
+pub fn pending_checks(cx: &Context, steps: &[Step]) -> CheckSet {
+    let names: Vec<&'static str> = steps.iter().flat_map(|s| s.checks().iter().copied()).collect();
+    CheckSet::pending_with(&names, |n| cx.settings.check_policy(n), SystemTime::now())
+}
+
 /// Records observations, logs check and readiness transitions, and tells probes and systemd.
 fn publish(
     checks: &mut CheckSet,
@@ -251,10 +263,10 @@ fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
 pub async fn run(cx: Context) -> Result<()> {
     let cx = Arc::new(cx);
     let started = Instant::now();
-    let steps = Step::for_root(&cx.root);
+    let steps = Step::for_context(&cx);
     let wake = Arc::new(Notify::new());
     let (snapshot_tx, snapshot_rx) =
-        watch::channel(Snapshot { checks: CheckSet::pending(SystemTime::now()), heartbeat: Instant::now() });
+        watch::channel(Snapshot { checks: pending_checks(&cx, &steps), heartbeat: Instant::now() });
 
     let listener = tokio::net::TcpListener::bind(cx.settings.http.listen)
         .await
@@ -290,7 +302,7 @@ pub async fn run(cx: Context) -> Result<()> {
         ));
     }
 
-    let mut checks = CheckSet::pending(SystemTime::now());
+    let mut checks = pending_checks(&cx, &steps);
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
     let mut status_line = String::new();
     let mut first_pass = true;

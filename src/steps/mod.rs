@@ -1,8 +1,14 @@
 //! Provisioning steps. Each one can say what it sees and what it would change (`inspect`)
 //! before changing anything (`converge`); the daemon, `apply` and `check` all use them.
 
+pub mod canary;
+pub mod drain;
+pub mod host_tools;
+pub mod id_mapping;
 pub mod linger;
+pub mod podman_config;
 pub mod podman_socket;
+pub mod storage;
 pub mod subids;
 pub mod unprivileged_ports;
 
@@ -77,68 +83,141 @@ impl Inspection {
     }
 }
 
-/// The provisioning steps, in dependency order.
+/// The provisioning steps and checks, in the order they are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {
+    Drain,
     SubIds,
     UnprivilegedPorts,
     Linger,
+    PodmanConfig,
     PodmanSocket,
+    IdMapping,
+    Storage,
+    HostTools,
+    Canary,
 }
 
 impl Step {
-    pub const ALL: [Step; 4] = [Step::SubIds, Step::UnprivilegedPorts, Step::Linger, Step::PodmanSocket];
+    pub const ALL: [Step; 10] = [
+        Step::Drain,
+        Step::SubIds,
+        Step::UnprivilegedPorts,
+        Step::Linger,
+        Step::PodmanConfig,
+        Step::PodmanSocket,
+        Step::IdMapping,
+        Step::Storage,
+        Step::HostTools,
+        Step::Canary,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Step::Drain => "drain",
             Step::SubIds => "subids",
             Step::UnprivilegedPorts => "unprivileged-ports",
             Step::Linger => "linger",
+            Step::PodmanConfig => "podman-config",
             Step::PodmanSocket => "podman-socket",
+            Step::IdMapping => "id-mapping",
+            Step::Storage => "storage",
+            Step::HostTools => "host-tools",
+            Step::Canary => "canary",
         }
     }
 
-    /// Steps that act on the running system (D-Bus) rather than on files; skipped with `--root`.
-    pub fn needs_live_system(self) -> bool {
-        matches!(self, Step::Linger | Step::PodmanSocket)
-    }
-
-    /// The step that must have converged before this one can.
-    pub fn depends_on(self) -> Option<Step> {
+    /// The checks this step reports.
+    pub fn checks(self) -> &'static [&'static str] {
         match self {
-            // The Podman service fixes its user namespace when it starts: give it the
-            // subordinate IDs and the user manager first.
-            Step::PodmanSocket => Some(Step::Linger),
-            _ => None,
+            Step::Drain => &["drain"],
+            Step::SubIds => &["subuid", "subgid"],
+            Step::UnprivilegedPorts => &["unprivileged-ports"],
+            Step::Linger => &["linger"],
+            Step::PodmanConfig => &["podman-config"],
+            Step::PodmanSocket => &["podman-socket", "podman-api"],
+            Step::IdMapping => &["subuid-mapping", "newuidmap"],
+            Step::Storage => &["storage"],
+            Step::HostTools => &["cgroup-delegation", "docker-cli"],
+            Step::Canary => &["canary"],
         }
     }
 
-    /// The steps that apply to this root.
-    pub fn for_root(root: &Root) -> Vec<Step> {
-        Step::ALL.into_iter().filter(|s| root.is_host() || !s.needs_live_system()).collect()
+    /// Steps that need the running system (D-Bus, Podman, /proc) rather than files only;
+    /// skipped with `--root`.
+    pub fn needs_live_system(self) -> bool {
+        !matches!(self, Step::SubIds | Step::UnprivilegedPorts | Step::PodmanConfig)
+    }
+
+    /// Steps whose repair must be attempted first in a pass (order only).
+    pub fn after(self) -> &'static [Step] {
+        match self {
+            // The Podman service fixes its user namespace and storage driver when it first
+            // starts: give it the subordinate IDs and its configuration first.
+            Step::PodmanSocket => &[Step::SubIds, Step::PodmanConfig, Step::Linger],
+            Step::IdMapping | Step::Storage | Step::Canary => &[Step::PodmanSocket],
+            _ => &[],
+        }
+    }
+
+    /// Steps that must pass before this one can be repaired at all.
+    pub fn requires(self) -> &'static [Step] {
+        match self {
+            // Everything that talks to the user's manager or Podman needs the manager.
+            Step::PodmanSocket => &[Step::Linger],
+            Step::IdMapping | Step::Storage | Step::Canary => &[Step::Linger, Step::PodmanSocket],
+            _ => &[],
+        }
+    }
+
+    /// False for steps that only report (a missing tool, a drained node).
+    pub fn repairs(self, cx: &Context) -> bool {
+        match self {
+            Step::Drain | Step::Canary => false,
+            Step::HostTools => cx.settings.cgroups.fix_delegation,
+            Step::PodmanConfig => cx.settings.podman_config.manage,
+            _ => true,
+        }
+    }
+
+    /// The steps that apply to this root and configuration.
+    pub fn for_context(cx: &Context) -> Vec<Step> {
+        Step::ALL
+            .into_iter()
+            .filter(|s| cx.root.is_host() || !s.needs_live_system())
+            .filter(|s| *s != Step::Canary || !cx.settings.canary.image.is_empty())
+            .filter(|s| matches!(s, Step::SubIds | Step::UnprivilegedPorts | Step::Linger | Step::PodmanSocket))
+            .collect()
     }
 
     pub async fn inspect(self, cx: &Context) -> Inspection {
         match self {
+            Step::Drain => drain::inspect(cx).await,
             Step::SubIds => subids::inspect(cx).await,
             Step::UnprivilegedPorts => unprivileged_ports::inspect(cx).await,
             Step::Linger => linger::inspect(cx).await,
+            Step::PodmanConfig => podman_config::inspect(cx).await,
             Step::PodmanSocket => podman_socket::inspect(cx).await,
+            Step::IdMapping => id_mapping::inspect(cx).await,
+            Step::Storage => storage::inspect(cx).await,
+            Step::HostTools => host_tools::inspect(cx).await,
+            Step::Canary => canary::inspect(cx).await,
         }
     }
 
     /// Makes the node match the configuration; returns what was changed.
     pub async fn converge(self, cx: &Context) -> Result<Vec<String>> {
-        let result = match self {
+        match self {
+            Step::Drain | Step::Canary => Ok(Vec::new()),
             Step::SubIds => subids::converge(cx).await,
             Step::UnprivilegedPorts => unprivileged_ports::converge(cx).await,
             Step::Linger => linger::converge(cx).await,
+            Step::PodmanConfig => podman_config::converge(cx).await,
             Step::PodmanSocket => podman_socket::converge(cx).await,
-        };
-        if result.is_err() && self == Step::Linger {
-            cx.system_bus.reset().await;
+            Step::IdMapping => id_mapping::converge(cx).await,
+            Step::Storage => storage::converge(cx).await,
+            Step::HostTools => host_tools::converge(cx).await,
         }
-        result
     }
 }
 
