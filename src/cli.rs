@@ -44,6 +44,14 @@ pub enum Command {
     },
     /// Print the effective configuration (defaults merged with every file).
     Config,
+    /// Mark the node not ready with a reason (before scale-in or an update); survives restarts.
+    Drain {
+        /// Shown in every output, e.g. "scale-in" or "kernel update".
+        #[arg(long)]
+        reason: String,
+    },
+    /// End a drain.
+    Undrain,
     /// Internal: talk to the runner user's systemd manager, run as that user by the agent.
     #[command(subcommand, hide = true)]
     UserManager(UserManagerCommand),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::checks::Check;
 use crate::cli::{Cli, Command};
 use crate::config::{self, Settings};
+use crate::control;
 use crate::daemon;
 use crate::journal;
 use crate::paths::Root;
@@ -24,6 +25,27 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::UserManager(command) => {
             crate::user_manager::helper_main(command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drain { reason } => {
+            let settings = load(&root)?;
+            let body = serde_json::json!({ "reason": reason });
+            let answer = control::client(&settings.control.socket, "POST", "/drain", Some(body)).await?;
+            let d = &answer["drain"];
+            println!(
+                "drained since {}: {}",
+                d["since"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Undrain => {
+            let settings = load(&root)?;
+            let answer = control::client(&settings.control.socket, "POST", "/undrain", None).await?;
+            match answer["ended"]["reason"].as_str() {
+                Some(reason) => println!("undrained (was: {reason})"),
+                None => println!("was not drained"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config => {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{watch, Notify};
 
 use crate::checks::{CheckSet, Observation};
+use crate::control::{self, ControlState};
 use crate::http::{self, AppState, Snapshot};
+use crate::identity;
 use crate::journal;
+use crate::metrics::Metrics;
 use crate::steps::{self, Context, Inspection, Step};
 use crate::watch::{FileWatcher, UserWatch, WatchedDir};
 
@@ -60,6 +63,8 @@ impl Backoff {
 /// One pass's outcome for the caller (the daemon or `apply`).
 pub struct PassResult {
     pub inspections: Vec<(Step, Inspection)>,
+    /// Steps whose repair was attempted.
+    pub attempted: Vec<Step>,
     pub changes: Vec<(Step, String)>,
     pub errors: Vec<(Step, anyhow::Error)>,
 }
@@ -87,7 +92,9 @@ pub async fn repair_pass(
             .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
             .filter(|s| {
                 s.after().iter().all(|d| {
-                    !steps.contains(d) || attempted.contains(d) || inspections.get(d).is_none_or(|i| i.converged())
+                    !steps.contains(d)
+                        || attempted.contains(d)
+                        || inspections.get(d).is_none_or(|i| i.converged())
                 })
             })
             .filter(|s| s.requires().iter().all(|d| inspections.get(d).is_none_or(|i| i.converged())))
@@ -143,7 +150,7 @@ pub async fn repair_pass(
         }
     }
     let inspections = steps.iter().map(|s| (*s, inspections.remove(s).unwrap_or_default())).collect();
-    PassResult { inspections, changes, errors }
+    PassResult { inspections, attempted, changes, errors }
 }
 
 /// Observations of a pass, with the repair error added where a repair failed.
@@ -176,18 +183,19 @@ async fn one_pass(
     cx: &Context,
     steps: &[Step],
     backoff: &mut HashMap<Step, Backoff>,
-    checks: &mut CheckSet,
-    snapshot: &watch::Sender<Snapshot>,
-    status_line: &mut String,
+    reporter: &mut Reporter,
 ) {
     let seen = steps::inspect_all(cx, steps).await;
     let observed: Vec<Observation> = seen.iter().flat_map(|(_, i)| i.observations.clone()).collect();
-    publish(checks, observed, snapshot, status_line);
+    reporter.publish(observed);
     let pass = repair_pass(cx, steps, seen, backoff).await;
     for (step, change) in &pass.changes {
         tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
     }
-    publish(checks, observations(&pass), snapshot, status_line);
+    for step in &pass.attempted {
+        reporter.metrics.repaired(step.name(), !pass.errors.iter().any(|(s, _)| s == step));
+    }
+    reporter.publish(observations(&pass));
 }
 
 /// Sends WATCHDOG=1 while the main loop keeps ticking; a loop stuck for longer than `stall`
@@ -214,35 +222,62 @@ pub fn pending_checks(cx: &Context, steps: &[Step]) -> CheckSet {
     CheckSet::pending_with(&names, |n| cx.settings.check_policy(n), SystemTime::now())
 }
 
-/// Records observations, logs check and readiness transitions, and tells probes and systemd.
-fn publish(
-    checks: &mut CheckSet,
-    observed: Vec<Observation>,
-    snapshot: &watch::Sender<Snapshot>,
-    status_line: &mut String,
-) {
-    let was_ready = checks.ready();
-    for t in checks.record(observed, SystemTime::now()) {
-        let verdict = if t.ok { "passes" } else { "fails" };
-        tracing::info!(
-            message_id = journal::CHECK_CHANGED,
-            check = t.name,
-            ok = t.ok,
-            "check {} {verdict}: {}",
-            t.name,
-            t.detail
-        );
+/// Everything the agent tells about the checks: journal, systemd status, probes, metrics.
+struct Reporter {
+    checks: CheckSet,
+    status_line: String,
+    instance: std::collections::BTreeMap<String, String>,
+    snapshot: watch::Sender<Snapshot>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    was_ever_ready: bool,
+}
+
+impl Reporter {
+    /// Records observations, logs check and readiness transitions, and tells probes,
+    /// metrics and systemd.
+    fn publish(&mut self, observed: Vec<Observation>) {
+        let was_ready = self.checks.ready();
+        let transitions = self.checks.record(observed, SystemTime::now());
+        for t in &transitions {
+            let verdict = if t.ok { "passes" } else { "fails" };
+            tracing::info!(
+                message_id = journal::CHECK_CHANGED,
+                check = t.name,
+                ok = t.ok,
+                required = t.required,
+                "check {} {verdict}: {}",
+                t.name,
+                t.detail
+            );
+        }
+        self.metrics.observe(&self.checks, &transitions);
+        let line = self.checks.status_line();
+        match (was_ready, self.checks.ready()) {
+            (false, true) => {
+                tracing::info!(message_id = journal::NODE_READY, "{line}");
+                if !self.was_ever_ready {
+                    self.was_ever_ready = true;
+                    self.metrics.first_ready(self.started.elapsed().as_secs_f64());
+                }
+            }
+            (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
+            _ => {}
+        }
+        self.heartbeat();
+        if line != self.status_line {
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+            self.status_line = line;
+        }
     }
-    let line = checks.status_line();
-    match (was_ready, checks.ready()) {
-        (false, true) => tracing::info!(message_id = journal::NODE_READY, "{line}"),
-        (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
-        _ => {}
-    }
-    snapshot.send_replace(Snapshot { checks: checks.clone(), heartbeat: Instant::now() });
-    if line != *status_line {
-        notify(&[sd_notify::NotifyState::Status(&line)]);
-        *status_line = line;
+
+    /// Tells probes the loop is alive, with the latest results.
+    fn heartbeat(&self) {
+        self.snapshot.send_replace(Snapshot {
+            checks: self.checks.clone(),
+            heartbeat: Instant::now(),
+            instance: self.instance.clone(),
+        });
     }
 }
 
@@ -260,13 +295,14 @@ fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
 }
 
 /// Runs until SIGTERM or SIGINT.
+/// Runs until SIGTERM or SIGINT.
 pub async fn run(cx: Context) -> Result<()> {
     let cx = Arc::new(cx);
     let started = Instant::now();
     let steps = Step::for_context(&cx);
     let wake = Arc::new(Notify::new());
-    let (snapshot_tx, snapshot_rx) =
-        watch::channel(Snapshot { checks: pending_checks(&cx, &steps), heartbeat: Instant::now() });
+    let metrics = Arc::new(Metrics::new());
+    let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::new(pending_checks(&cx, &steps)));
 
     let listener = tokio::net::TcpListener::bind(cx.settings.http.listen)
         .await
@@ -278,11 +314,34 @@ pub async fn run(cx: Context) -> Result<()> {
         uid: cx.user.uid,
         socket: steps::podman_socket::socket_path(&cx).display().to_string(),
         liveness_limit: pass_limit(&cx.settings) + TICK * 2,
+        metrics: metrics.clone(),
     });
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, http::app(state), http::Limits::default(), async {
-        let _ = http_stopped.await;
-    }));
+    let mut app = http::app(state);
+    if !cx.settings.control.token_file.as_os_str().is_empty() {
+        let token = control::read_token(&cx.settings.control.token_file)?;
+        let by = "a bearer token over HTTP";
+        app = app.merge(control::token_router(
+            token,
+            ControlState { root: cx.root.clone(), wake: wake.clone(), by },
+        ));
+    }
+    let (stop_servers, servers_stopped) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server =
+        tokio::spawn(http::serve(listener, app, http::Limits::default(), stopped(servers_stopped.clone())));
+    if cx.root.is_host() {
+        let state =
+            ControlState { root: cx.root.clone(), wake: wake.clone(), by: "root over the control socket" };
+        let socket = cx.settings.control.socket.clone();
+        let stop = stopped(servers_stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = control::serve_socket(&socket, state, stop).await {
+                tracing::error!("error: control socket -> {}", journal::chain(&e));
+            }
+        });
+    }
 
     let files = FileWatcher::new().context("setting up inotify")?;
     files.arm(&watched_dirs(&cx));
@@ -302,15 +361,22 @@ pub async fn run(cx: Context) -> Result<()> {
         ));
     }
 
-    let mut checks = pending_checks(&cx, &steps);
+    let mut reporter = Reporter {
+        checks: pending_checks(&cx, &steps),
+        status_line: String::new(),
+        instance: identity::read(&cx.root),
+        snapshot: snapshot_tx,
+        metrics,
+        started,
+        was_ever_ready: false,
+    };
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
-    let mut status_line = String::new();
     let mut first_pass = true;
     let mut next_resync = Instant::now();
     loop {
         let now = Instant::now();
         let retry_at = backoff.values().filter_map(Backoff::next_attempt).filter(|t| *t > now).min();
-        let failing = !checks.ready();
+        let failing = !reporter.checks.ready();
         let pass_due =
             if failing { retry_at.map_or(next_resync, |r| r.min(next_resync)) } else { next_resync };
         let woken = tokio::select! {
@@ -324,8 +390,8 @@ pub async fn run(cx: Context) -> Result<()> {
         };
         if woken || first_pass || Instant::now() >= pass_due {
             let limit = pass_limit(&cx.settings);
-            let pass = one_pass(&cx, &steps, &mut backoff, &mut checks, &snapshot_tx, &mut status_line);
-            if tokio::time::timeout(limit, pass).await.is_err() {
+            if tokio::time::timeout(limit, one_pass(&cx, &steps, &mut backoff, &mut reporter)).await.is_err()
+            {
                 tracing::warn!(
                     message_id = journal::REPAIR_FAILED,
                     "error: a pass took longer than {}; abandoned it",
@@ -336,28 +402,31 @@ pub async fn run(cx: Context) -> Result<()> {
                 tracing::info!(
                     message_id = journal::AGENT_LIFECYCLE,
                     first_pass_ms = started.elapsed().as_millis() as u64,
-                    "first pass done after {:?}: {status_line}",
-                    started.elapsed()
+                    "first pass done after {:?}: {}",
+                    started.elapsed(),
+                    reporter.status_line
                 );
                 notify(&[sd_notify::NotifyState::Ready]);
                 first_pass = false;
             }
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
+            // Afterburn may write its metadata after the agent started.
+            reporter.instance = identity::read(&cx.root);
             files.arm(&watched_dirs(&cx));
             if cx.root.is_host() {
-                let manager_up = checks.checks().iter().any(|c| c.name == "linger" && c.ok);
+                let manager_up = reporter.checks.checks().iter().any(|c| c.name == "linger" && c.ok);
                 if manager_up {
                     user_watch.ensure_running(&cx.user, &cx.settings.podman.socket_unit, &wake);
                 }
             }
         }
-        snapshot_tx.send_replace(Snapshot { checks: checks.clone(), heartbeat: Instant::now() });
+        reporter.heartbeat();
     }
 
     tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");
     notify(&[sd_notify::NotifyState::Stopping]);
     user_watch.stop();
-    let _ = stop_http.send(());
+    let _ = stop_servers.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())
 }
@@ -393,6 +462,7 @@ mod tests {
                     plan: vec![],
                 },
             )],
+            attempted: vec![Step::PodmanSocket],
             changes: vec![],
             errors: vec![(Step::PodmanSocket, anyhow::anyhow!("podman.socket is masked"))],
         };

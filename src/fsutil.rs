@@ -563,6 +563,57 @@ mod tests {
     }
 
     #[test]
+    fn temp_names_are_recognised_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, temp) = create_temp(dir.path(), "subuid").unwrap();
+        drop(file);
+        let name = temp.0.file_name().unwrap().to_owned();
+        assert!(is_temp_name(name.as_bytes(), "subuid"), "{name:?}");
+        assert!(!is_temp_name(name.as_bytes(), "subuid-"));
+        assert!(!is_temp_name(name.as_bytes(), "subgid"));
+        for other in [
+            ".subuid.executor-agent.abc",
+            ".subuid.executor-agent.abcdefg",
+            ".subuid.executor-agent.ab-def",
+            "subuid",
+            ".subuid.cioAbCdEf",
+        ] {
+            assert!(!is_temp_name(other.as_bytes(), "subuid"), "{other}");
+        }
+        drop(temp);
+        assert!(dir_names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn orphaned_temps_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subuid");
+        for name in [
+            "subuid",
+            ".subuid.executor-agent.aaaaaa",
+            ".subuid.executor-agent.Z9Z9Z9",
+            ".subuid-.executor-agent.aaaaaa",
+            ".subuid.executor-agent.aaaaa",
+        ] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let mut removed = remove_orphaned_temps(&path).unwrap();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                dir.path().join(".subuid.executor-agent.Z9Z9Z9"),
+                dir.path().join(".subuid.executor-agent.aaaaaa")
+            ]
+        );
+        assert_eq!(
+            dir_names(dir.path()),
+            [".subuid-.executor-agent.aaaaaa", ".subuid.executor-agent.aaaaa", "subuid"]
+        );
+        assert!(remove_orphaned_temps(&dir.path().join("missing/subuid")).unwrap().is_empty());
+    }
+
+    #[test]
     fn errors_keep_their_kind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subuid");

@@ -6,19 +6,29 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::checks::{Check, CheckSet};
+use crate::metrics::Metrics;
+use std::collections::BTreeMap;
 
 /// What the main loop publishes after every pass.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub checks: CheckSet,
     pub heartbeat: Instant,
+    /// Afterburn's instance attributes (`aws_instance_id`, ...), empty off-cloud.
+    pub instance: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    pub fn new(checks: CheckSet) -> Self {
+        Snapshot { checks, heartbeat: Instant::now(), instance: BTreeMap::new() }
+    }
 }
 
 /// Shared with every request.
@@ -30,6 +40,7 @@ pub struct AppState {
     pub socket: String,
     /// The main loop must have ticked within this long for `/healthz` to say it is alive.
     pub liveness_limit: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +60,8 @@ struct Status<'a> {
     uid: u32,
     socket: &'a str,
     docker_host: String,
+    /// Afterburn's attributes of this instance, so a manager can match probe and instance.
+    instance: &'a BTreeMap<String, String>,
     checks: &'a [Check],
 }
 
@@ -81,6 +94,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(state)
         .layer(axum::middleware::from_fn(refuse_bodies))
 }
@@ -167,27 +181,50 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let snapshot = state.snapshot.borrow().clone();
-    let ready = snapshot.checks.ready();
+    // Serialise under the borrow: no copy of the checks per probe.
+    let (ready, body) = {
+        let snapshot = state.snapshot.borrow();
+        let ready = snapshot.checks.ready();
+        let body =
+            Readiness { ready, status: snapshot.checks.status_line(), checks: snapshot.checks.checks() };
+        (ready, serde_json::to_vec(&body))
+    };
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = Readiness { ready, status: snapshot.checks.status_line(), checks: snapshot.checks.checks() };
-    (code, Json(body)).into_response()
+    json_response(code, body)
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let snapshot = state.snapshot.borrow().clone();
-    Json(Status {
-        version: env!("CARGO_PKG_VERSION"),
-        uptime_seconds: state.started.elapsed().as_secs(),
-        ready: snapshot.checks.ready(),
-        status: snapshot.checks.status_line(),
-        user: &state.user,
-        uid: state.uid,
-        socket: &state.socket,
-        docker_host: format!("unix://{}", state.socket),
-        checks: snapshot.checks.checks(),
-    })
-    .into_response()
+    let body = {
+        let snapshot = state.snapshot.borrow();
+        serde_json::to_vec(&Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: state.started.elapsed().as_secs(),
+            ready: snapshot.checks.ready(),
+            status: snapshot.checks.status_line(),
+            user: &state.user,
+            uid: state.uid,
+            socket: &state.socket,
+            docker_host: format!("unix://{}", state.socket),
+            instance: &snapshot.instance,
+            checks: snapshot.checks.checks(),
+        })
+    };
+    json_response(StatusCode::OK, body)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, body: serde_json::Result<Vec<u8>>) -> Response {
+    match body {
+        Ok(bytes) => (code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 #[cfg(test)]
@@ -203,7 +240,7 @@ mod tests {
     const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 
     fn state(checks: CheckSet, heartbeat: Instant) -> (watch::Sender<Snapshot>, Arc<AppState>) {
-        let (tx, rx) = watch::channel(Snapshot { checks, heartbeat });
+        let (tx, rx) = watch::channel(Snapshot { heartbeat, ..Snapshot::new(checks) });
         let state = AppState {
             snapshot: rx,
             started: Instant::now(),
@@ -211,6 +248,7 @@ mod tests {
             uid: 1000,
             socket: "/run/user/1000/podman/podman.sock".into(),
             liveness_limit: LIVENESS_LIMIT,
+            metrics: Arc::new(Metrics::new()),
         };
         (tx, Arc::new(state))
     }
@@ -252,7 +290,7 @@ mod tests {
         assert_eq!(call(&st, Method::GET, "/readyz").await.0, StatusCode::OK);
         let mut checks = all_passing();
         checks.record(vec![Observation::fail("podman-api", "connection refused")], SystemTime::now());
-        tx.send(Snapshot { checks, heartbeat: Instant::now() }).unwrap();
+        tx.send(Snapshot::new(checks)).unwrap();
         let (code, body) = call(&st, Method::GET, "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "not ready: podman-api: connection refused");

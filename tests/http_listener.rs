@@ -19,7 +19,7 @@ struct Server {
 async fn start(limits: Limits) -> Server {
     let mut checks = CheckSet::pending(SystemTime::now());
     checks.record(CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect(), SystemTime::now());
-    let (tx, rx) = tokio::sync::watch::channel(Snapshot { checks, heartbeat: Instant::now() });
+    let (tx, rx) = tokio::sync::watch::channel(Snapshot::new(checks));
     let state = Arc::new(AppState {
         snapshot: rx,
         started: Instant::now(),
@@ -27,6 +27,7 @@ async fn start(limits: Limits) -> Server {
         uid: 1000,
         socket: "/run/user/1000/podman/podman.sock".into(),
         liveness_limit: Duration::from_secs(60),
+        metrics: Arc::new(executor_agent::metrics::Metrics::new()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,15 +1,853 @@
-//! Placeholder while this step is being written in this session.
+//! The user namespace rootless Podman really uses, and the setuid helpers that build it.
+//!
+//! `subuid-mapping`: Podman keeps one user namespace per user alive in its pause process
+//! (`$XDG_RUNTIME_DIR/libpod/tmp/pause.pid`, Podman 4.x and 5.x alike). Its
+//! `/proc/PID/uid_map` must be `0 UID 1` plus the user's ranges from /etc/subuid (and
+//! likewise for GIDs). A single line means newuidmap refused the ranges (the shadow-utils
+//! missing-newline bug, or no range at all); other ranges mean they changed after Podman
+//! started. The repair is `podman system migrate`, run by the user's manager, then a fresh
+//! `podman system service` so that the API serves from the new namespace too.
+//!
+//! `newuidmap`: `newuidmap`/`newgidmap` exist and may do their job: setuid root (Debian) or
+//! a file capability `cap_setuid`/`cap_setgid` (Fedora CoreOS). Nothing to repair.
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
+use std::fmt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::{Context, Inspection};
+use crate::checks::Observation;
+use crate::subid::{self, IdKind, IdRange};
+use crate::{podman_api, user_manager};
 
-pub async fn inspect(cx: &Context) -> Inspection {
-    let _ = cx;
-    Inspection::default()
+const MAPPING_CHECK: &str = "subuid-mapping";
+const HELPERS_CHECK: &str = "newuidmap";
+
+/// Where Podman 4.x (libpod tmp dir under the runtime dir) and 5.x (fixed) keep the PID of
+/// the rootless pause process, relative to `$XDG_RUNTIME_DIR`.
+pub const PAUSE_PID_FILE: &str = "libpod/tmp/pause.pid";
+/// The pause process: catatonit when installed, else Podman's own "podman pause".
+const PAUSE_NAMES: [&str; 2] = ["catatonit", "podman pause"];
+/// Where Podman finds newuidmap on the user's PATH; the first hit wins.
+pub const HELPER_DIRS: [&str; 3] = ["/usr/bin", "/usr/sbin", "/bin"];
+/// How long `podman system migrate` may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------------------------------------
+// Pure parts: /proc/PID/uid_map, comparison with the subordinate ID files, vfs_cap_data.
+
+/// One line of `/proc/PID/uid_map`: IDs `inside..inside+count` in the namespace are
+/// `outside..outside+count` on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLine {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
 }
 
+/// Parses the kernel's `uid_map`/`gid_map` text (three right-aligned numbers a line).
+pub fn parse_id_map(text: &str) -> Result<Vec<MapLine>, String> {
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let numbers: Option<Vec<u32>> = fields.iter().map(|f| f.parse().ok()).collect();
+        match numbers.as_deref() {
+            Some(&[inside, outside, count]) => lines.push(MapLine { inside, outside, count }),
+            _ => return Err(format!("line {}: {line:?} is not three numbers", i + 1)),
+        }
+    }
+    Ok(lines)
+}
+
+/// True for the initial namespace's map (`0 0 4294967295`): a process outside any user
+/// namespace, so not Podman's pause process.
+pub fn is_identity(map: &[MapLine]) -> bool {
+    map == [MapLine { inside: 0, outside: 0, count: u32::MAX }]
+}
+
+/// Sorted, with ranges that touch merged: newuidmap writes one line per file line, and
+/// two adjacent file lines are the same IDs as one.
+fn normalise(ranges: impl IntoIterator<Item = (u32, u32)>) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = ranges
+        .into_iter()
+        .filter(|r| r.1 > 0)
+        .map(|(s, c)| (u64::from(s), u64::from(s) + u64::from(c)))
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+fn spans_text(spans: &[(u64, u64)]) -> String {
+    spans.iter().map(|(s, e)| format!("{s}:{}", e - s)).collect::<Vec<_>>().join(", ")
+}
+
+/// Why a map is not what the files say, in words for a check's detail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapMismatch {
+    /// "maps 0 → 1000 only" or "maps 1000 and 100000:65536".
+    pub mapped: String,
+    /// "524288:65536".
+    pub expected: String,
+    /// Only the user's own ID is mapped: newuidmap refused or found no range.
+    pub single: bool,
+}
+
+/// Compares a namespace's map with the owner's ID `id` and its ranges from the file.
+/// Podman maps `0 → id` and then every range of the user, lowest first, from 1 up.
+pub fn compare_map(id: u32, map: &[MapLine], expected: &[IdRange]) -> Result<(), MapMismatch> {
+    let own = MapLine { inside: 0, outside: id, count: 1 };
+    let has_own = map.contains(&own);
+    let others = normalise(map.iter().filter(|l| **l != own).map(|l| (l.outside, l.count)));
+    let wanted = normalise(expected.iter().map(|r| (r.start, r.count)));
+    if has_own && others == wanted {
+        return Ok(());
+    }
+    let single = others.is_empty();
+    let mapped = match (has_own, single) {
+        (true, true) => format!("maps 0 → {id} only"),
+        (true, false) => format!("maps {id} and {}", spans_text(&others)),
+        (false, _) => {
+            let lines: Vec<String> =
+                map.iter().map(|l| format!("{} {} {}", l.inside, l.outside, l.count)).collect();
+            format!("maps {:?} (no 0 → {id} line)", lines.join(", "))
+        }
+    };
+    let expected = if wanted.is_empty() { "no range".to_string() } else { spans_text(&wanted) };
+    Err(MapMismatch { mapped, expected, single })
+}
+
+/// `CAP_SETGID` and `CAP_SETUID` (linux/capability.h).
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+
+/// A file capability set, from the `security.capability` extended attribute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileCaps {
+    pub permitted: u64,
+    pub inheritable: u64,
+    /// `VFS_CAP_FLAGS_EFFECTIVE`: the permitted set becomes effective at exec.
+    pub effective: bool,
+    /// Revision 3 (namespaced) capabilities apply only where this UID is root.
+    pub rootid: Option<u32>,
+}
+
+impl FileCaps {
+    pub fn has(&self, cap: u32) -> bool {
+        cap < 64 && self.permitted & (1u64 << cap) != 0
+    }
+}
+
+/// Parses a `vfs_cap_data` (revision 1, 2) or `vfs_ns_cap_data` (revision 3) blob:
+/// little-endian `magic_etc`, then `{permitted, inheritable}` 32-bit words, then (rev. 3)
+/// the root UID.
+pub fn parse_vfs_cap(blob: &[u8]) -> Result<FileCaps, String> {
+    const REVISION_MASK: u32 = 0xFF00_0000;
+    const FLAGS_EFFECTIVE: u32 = 0x0000_0001;
+    let word = |i: usize| -> Option<u32> {
+        blob.get(4 * i..4 * i + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let magic = word(0).ok_or_else(|| format!("{} bytes is too short for a capability set", blob.len()))?;
+    let (words, expected_len) = match magic & REVISION_MASK {
+        0x0100_0000 => (1, 12),
+        0x0200_0000 => (2, 20),
+        0x0300_0000 => (2, 24),
+        other => return Err(format!("unknown capability revision {:#x}", other >> 24)),
+    };
+    if blob.len() != expected_len {
+        return Err(format!(
+            "revision {} capability set has {} bytes, not {expected_len}",
+            magic >> 24,
+            blob.len()
+        ));
+    }
+    let (mut permitted, mut inheritable) = (0u64, 0u64);
+    for i in 0..words {
+        permitted |= u64::from(word(1 + 2 * i).expect("length checked")) << (32 * i);
+        inheritable |= u64::from(word(2 + 2 * i).expect("length checked")) << (32 * i);
+    }
+    let rootid = (expected_len == 24).then(|| word(5).expect("length checked"));
+    Ok(FileCaps { permitted, inheritable, effective: magic & FLAGS_EFFECTIVE != 0, rootid })
+}
+
+/// What makes a newuidmap/newgidmap binary able to write another process's map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Privilege {
+    SetuidRoot,
+    FileCap,
+}
+
+/// Decides whether a helper found at `path` can do its job: a regular file the user may
+/// execute, and setuid root or carrying `cap` (permitted and effective) in a capability
+/// set that applies on the host.
+pub fn judge_helper(
+    mode: u32,
+    owner: u32,
+    group: u32,
+    is_file: bool,
+    caps: Option<Result<FileCaps, String>>,
+    cap: u32,
+    user: (u32, u32),
+) -> Result<Privilege, String> {
+    if !is_file {
+        return Err("is not a regular file".into());
+    }
+    if !executable_by(mode, owner, group, user.0, user.1) {
+        return Err(format!("is not executable by the runner user (mode {:04o})", mode & 0o7777));
+    }
+    if mode & 0o4000 != 0 && owner == 0 {
+        return Ok(Privilege::SetuidRoot);
+    }
+    let cap_name = if cap == CAP_SETUID { "cap_setuid" } else { "cap_setgid" };
+    match caps {
+        None => Err(format!("is neither setuid root nor has the {cap_name} file capability")),
+        Some(Err(e)) => Err(format!("has an unreadable security.capability attribute: {e}")),
+        Some(Ok(caps)) => {
+            if !caps.has(cap) {
+                Err(format!("has file capabilities without {cap_name} and is not setuid root"))
+            } else if !caps.effective {
+                Err(format!("has {cap_name} permitted but not effective (+p without +e)"))
+            } else if caps.rootid.is_some_and(|id| id != 0) {
+                Err(format!(
+                    "has {cap_name} only for a user namespace rooted at UID {} (revision 3 capability)",
+                    caps.rootid.unwrap_or_default()
+                ))
+            } else {
+                Ok(Privilege::FileCap)
+            }
+        }
+    }
+}
+
+/// Mode bits only (no ACLs), with the user's primary group: owner, then group, then others.
+pub fn executable_by(mode: u32, owner: u32, group: u32, uid: u32, gid: u32) -> bool {
+    if uid == 0 {
+        return mode & 0o111 != 0;
+    }
+    if owner == uid {
+        mode & 0o100 != 0
+    } else if group == gid {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reading the live namespace.
+
+/// What the pause PID file leads to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespace {
+    /// No pause process: Podman has not run since boot (or since a migrate).
+    None {
+        why: String,
+    },
+    Running {
+        pid: u32,
+        uid_map: Vec<MapLine>,
+        gid_map: Vec<MapLine>,
+    },
+}
+
+/// Reads `/proc/PID/<name>`; the reader differs between root and the user.
+#[allow(async_fn_in_trait)]
+pub trait ProcReader {
+    async fn read(&self, pid: u32, name: &str) -> io::Result<String>;
+}
+
+/// Root reading the given proc directory (`/proc`, or a fake one in tests).
+pub struct DirectReader<'a> {
+    pub proc: &'a Path,
+}
+
+impl ProcReader for DirectReader<'_> {
+    async fn read(&self, pid: u32, name: &str) -> io::Result<String> {
+        std::fs::read_to_string(self.proc.join(pid.to_string()).join(name))
+    }
+}
+
+/// Finds the pause process of `uid` from `pid_file` and reads its maps with `reader`.
+/// A PID file naming a process that is gone, another user's process, or one that is not a
+/// pause process is stale: Podman makes a new namespace on its next run.
+pub async fn read_namespace<R: ProcReader, F: ProcReader>(
+    pid_file: &Path,
+    proc: &Path,
+    uid: u32,
+    reader: &R,
+    fallback: Option<&F>,
+) -> Result<Namespace> {
+    let text = match std::fs::read_to_string(pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Namespace::None { why: format!("no {}", pid_file.display()) })
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pid_file.display())),
+    };
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{} holds {:?}, not a PID", pid_file.display(), text.trim()))?;
+    let stale = |why: String| Ok(Namespace::None { why: format!("stale {} ({why})", pid_file.display()) });
+    // /proc/PID belongs to the process's effective UID (it stays dumpable).
+    match std::fs::metadata(proc.join(pid.to_string())) {
+        Ok(md) if md.uid() != uid => return stale(format!("PID {pid} belongs to UID {}", md.uid())),
+        _ => {}
+    }
+    let (comm, uid_map, gid_map) = match read_all(reader, pid).await {
+        Ok(all) => all,
+        // ProtectProc=invisible hides other users' processes from a root without
+        // CAP_SYS_PTRACE; the user still sees its own.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let again = match fallback {
+                Some(f) => Some(read_all(f, pid).await),
+                None => None,
+            };
+            match again {
+                Some(Ok(all)) => all,
+                Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("reading /proc/{pid} as the runner user"))
+                }
+                _ => return stale(format!("PID {pid} is not running")),
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading /proc/{pid}")),
+    };
+    let comm = comm.trim_end_matches('\n');
+    if !PAUSE_NAMES.contains(&comm) {
+        return stale(format!("PID {pid} is {comm:?}, not Podman's pause process"));
+    }
+    let uid_map = parse_id_map(&uid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/uid_map: {e}"))?;
+    let gid_map = parse_id_map(&gid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/gid_map: {e}"))?;
+    if is_identity(&uid_map) {
+        return stale(format!("PID {pid} is not in a user namespace"));
+    }
+    Ok(Namespace::Running { pid, uid_map, gid_map })
+}
+
+async fn read_all<R: ProcReader>(r: &R, pid: u32) -> io::Result<(String, String, String)> {
+    Ok((r.read(pid, "comm").await?, r.read(pid, "uid_map").await?, r.read(pid, "gid_map").await?))
+}
+
+/// Reads `/proc/PID/<name>` as the runner user (`cat` run with the user's IDs).
+struct AsUser<'a> {
+    cx: &'a Context,
+}
+
+impl ProcReader for AsUser<'_> {
+    async fn read(&self, pid: u32, name: &str) -> io::Result<String> {
+        let path = format!("/proc/{pid}/{name}");
+        let cat = HELPER_DIRS.iter().map(|d| Path::new(d).join("cat")).find(|p| p.is_file());
+        let cat =
+            cat.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no cat in /usr/bin or /bin"))?;
+        let mut cmd = self.cx.user.command(&cat).map_err(io::Error::other)?;
+        cmd.arg("--").arg(&path).stdin(std::process::Stdio::null());
+        let output = tokio::time::timeout(Duration::from_secs(5), cmd.output())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("reading {path} as the user")))??;
+        if output.status.success() {
+            return String::from_utf8(output.stdout)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let kind =
+            if stderr.contains("No such file") { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
+        Err(io::Error::new(kind, format!("{path}: {}", stderr.trim())))
+    }
+}
+
+/// The ranges the files give the user, and whether a file lacks its final newline (which
+/// shadow-utils 4.19+ answers by ignoring the last line).
+struct Expected {
+    uids: Vec<IdRange>,
+    gids: Vec<IdRange>,
+    hints: Vec<String>,
+}
+
+fn expected(cx: &Context) -> Result<Expected> {
+    let user = cx.user.as_subid_owner();
+    let mut hints = Vec::new();
+    let mut get = |kind: IdKind| -> Result<Vec<IdRange>> {
+        let view = subid::inspect(&cx.root, kind, &user, cx.settings.subids.count)?;
+        if let Ok(bytes) = std::fs::read(&view.file) {
+            if bytes.last().is_some_and(|b| *b != b'\n') {
+                hints.push(format!(
+                    "{} does not end with a newline: shadow-utils 4.19+ ignores its last line",
+                    kind.file_name()
+                ));
+            }
+        }
+        Ok(view.owned)
+    };
+    let uids = get(IdKind::Uid)?;
+    let gids = get(IdKind::Gid)?;
+    Ok(Expected { uids, gids, hints })
+}
+
+/// The outcome of comparing the live namespace with the files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Mapping {
+    NoNamespace(String),
+    Matches(u32),
+    Differs { pid: u32, detail: String, files_have_ranges: bool },
+}
+
+fn judge(cx: &Context, namespace: Namespace, want: &Expected) -> Mapping {
+    let (pid, uid_map, gid_map) = match namespace {
+        Namespace::None { why } => return Mapping::NoNamespace(why),
+        Namespace::Running { pid, uid_map, gid_map } => (pid, uid_map, gid_map),
+    };
+    let mut problems = Vec::new();
+    for (word, file, id, map, ranges) in [
+        ("uid_map", "/etc/subuid", cx.user.uid, &uid_map, &want.uids),
+        ("gid_map", "/etc/subgid", cx.user.gid, &gid_map, &want.gids),
+    ] {
+        if let Err(m) = compare_map(id, map, ranges) {
+            problems.push(format!("{word} {}; {file} gives {} {}", m.mapped, cx.user.name, m.expected));
+        }
+    }
+    if problems.is_empty() {
+        return Mapping::Matches(pid);
+    }
+    let mut detail = format!("Podman's user namespace (pause PID {pid}): {}", problems.join("; "));
+    for hint in &want.hints {
+        detail.push_str(&format!(" ({hint})"));
+    }
+    Mapping::Differs { pid, detail, files_have_ranges: !want.uids.is_empty() && !want.gids.is_empty() }
+}
+
+fn pause_pid_file(cx: &Context) -> PathBuf {
+    cx.user.runtime_dir().join(PAUSE_PID_FILE)
+}
+
+async fn see_mapping(cx: &Context) -> Result<Mapping> {
+    let want = expected(cx)?;
+    let proc = Path::new("/proc");
+    let direct = DirectReader { proc };
+    let as_user = AsUser { cx };
+    let pid_file = pause_pid_file(cx);
+    let uid = cx.user.uid;
+    let namespace = read_namespace(&pid_file, proc, uid, &direct, Some(&as_user)).await?;
+    Ok(judge(cx, namespace, &want))
+}
+
+fn mapping_observation(cx: &Context, seen: &Result<Mapping>, plan: &mut Vec<String>) -> Observation {
+    match seen {
+        Err(e) => Observation::fail(MAPPING_CHECK, crate::journal::detail(e)),
+        Ok(Mapping::NoNamespace(why)) => {
+            Observation::pass(MAPPING_CHECK, format!("no rootless user namespace yet ({why})"))
+        }
+        Ok(Mapping::Matches(pid)) => Observation::pass(
+            MAPPING_CHECK,
+            format!(
+                "Podman's user namespace (pause PID {pid}) maps {}'s ranges from /etc/subuid and /etc/subgid",
+                cx.user.name
+            ),
+        ),
+        Ok(Mapping::Differs { detail, files_have_ranges, .. }) => {
+            if *files_have_ranges {
+                plan.push(format!(
+                    "run podman system migrate as {} and restart {} (stops running containers)",
+                    cx.user.name, cx.settings.podman.socket_unit
+                ));
+            }
+            Observation::fail(MAPPING_CHECK, detail.clone())
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// newuidmap / newgidmap
+
+/// What was found for one helper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperReport {
+    pub name: &'static str,
+    pub outcome: Result<(PathBuf, Privilege), String>,
+}
+
+impl fmt::Display for HelperReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Ok((path, Privilege::SetuidRoot)) => write!(f, "{} (setuid root)", path.display()),
+            Ok((path, Privilege::FileCap)) => {
+                let cap = if self.name == "newuidmap" { "cap_setuid" } else { "cap_setgid" };
+                write!(f, "{} ({cap}=ep)", path.display())
+            }
+            Err(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn read_file_caps(path: &Path) -> Option<Result<FileCaps, String>> {
+    let name = c"security.capability";
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; both strings are NUL-terminated.
+    let len = unsafe { libc::getxattr(cpath.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) => None,
+            _ => Some(Err(e.to_string())),
+        };
+    }
+    Some(parse_vfs_cap(&buf[..len as usize]))
+}
+
+/// Looks for `name` in `dirs` (under `root`) and judges the first one found.
+pub fn find_helper(
+    root: &crate::paths::Root,
+    dirs: &[&str],
+    name: &'static str,
+    cap: u32,
+    user: (u32, u32),
+) -> HelperReport {
+    for dir in dirs {
+        let path = root.join(dir).join(name);
+        let Ok(md) = std::fs::metadata(&path) else { continue };
+        let shown = Path::new(dir).join(name);
+        let caps = if md.is_file() { read_file_caps(&path) } else { None };
+        let outcome = judge_helper(md.mode(), md.uid(), md.gid(), md.is_file(), caps, cap, user)
+            .map(|p| (shown.clone(), p))
+            .map_err(|e| format!("{} {e}", shown.display()));
+        return HelperReport { name, outcome };
+    }
+    HelperReport { name, outcome: Err(format!("{name} is not installed (looked in {})", dirs.join(", "))) }
+}
+
+fn helpers_observation(cx: &Context) -> Observation {
+    let user = (cx.user.uid, cx.user.gid);
+    let reports = [
+        find_helper(&cx.root, &HELPER_DIRS, "newuidmap", CAP_SETUID, user),
+        find_helper(&cx.root, &HELPER_DIRS, "newgidmap", CAP_SETGID, user),
+    ];
+    let detail = reports.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; ");
+    if reports.iter().all(|r| r.outcome.is_ok()) {
+        Observation::pass(HELPERS_CHECK, detail)
+    } else {
+        Observation::fail(HELPERS_CHECK, format!("{detail} (rootless Podman cannot map subordinate IDs)"))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+pub async fn inspect(cx: &Context) -> Inspection {
+    let mut plan = Vec::new();
+    let mapping = see_mapping(cx).await;
+    let mapping = mapping_observation(cx, &mapping, &mut plan);
+    Inspection { observations: vec![mapping, helpers_observation(cx)], plan }
+}
+
+/// Repairs a stale namespace: `podman system migrate` (stops the user's containers and the
+/// pause process), then a fresh Podman API service, which makes the new namespace; checks
+/// it. newuidmap problems have no repair.
 pub async fn converge(cx: &Context) -> Result<Vec<String>> {
-    let _ = cx;
-    Ok(Vec::new())
+    let before = match see_mapping(cx).await? {
+        Mapping::NoNamespace(_) | Mapping::Matches(_) => return Ok(Vec::new()),
+        Mapping::Differs { files_have_ranges: false, detail, .. } => {
+            bail!("{detail}; give {} ranges in /etc/subuid and /etc/subgid first", cx.user.name)
+        }
+        Mapping::Differs { detail, .. } => detail,
+    };
+    let user = &cx.user.name;
+    user_manager::migrate(&cx.user, MIGRATE_TIMEOUT)
+        .await
+        .with_context(|| format!("podman system migrate as {user}"))?;
+    let mut changes = vec![format!("ran podman system migrate as {user} ({before})")];
+    // A running `podman system service` stays in the old namespace: replace it.
+    let unit = &cx.settings.podman.socket_unit;
+    let timeout = cx.settings.linger.user_manager_timeout;
+    user_manager::ensure(&cx.user, unit, true, timeout)
+        .await
+        .with_context(|| format!("restarting {unit}"))?;
+    changes.push(format!("restarted {unit} for {user}"));
+    let socket = super::podman_socket::socket_path(cx);
+    podman_api::probe(&socket, cx.settings.podman.api_timeout)
+        .await
+        .with_context(|| format!("the Podman API after restarting {unit}"))?;
+    match see_mapping(cx).await? {
+        Mapping::Differs { detail, .. } => bail!("after podman system migrate: {detail}"),
+        Mapping::Matches(pid) => {
+            changes.push(format!("Podman's new user namespace (pause PID {pid}) maps the configured ranges"))
+        }
+        Mapping::NoNamespace(_) => {}
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn r(start: u32, count: u32) -> IdRange {
+        IdRange { start, count }
+    }
+
+    fn l(inside: u32, outside: u32, count: u32) -> MapLine {
+        MapLine { inside, outside, count }
+    }
+
+    #[test]
+    fn parses_the_kernels_padded_map() {
+        let text = "         0       1000          1\n         1     524288      65536\n";
+        assert_eq!(parse_id_map(text).unwrap(), vec![l(0, 1000, 1), l(1, 524288, 65536)]);
+        assert_eq!(parse_id_map("").unwrap(), vec![]);
+        assert!(parse_id_map("0 1000\n").unwrap_err().contains("line 1"));
+        assert!(parse_id_map("0 1000 1\n1 x 65536\n").unwrap_err().contains("line 2"));
+        assert!(is_identity(&parse_id_map("         0          0 4294967295\n").unwrap()));
+        assert!(!is_identity(&[l(0, 1000, 1)]));
+    }
+
+    #[test]
+    fn full_mapping_matches_the_files() {
+        let map = [l(0, 1000, 1), l(1, 524288, 65536)];
+        assert_eq!(compare_map(1000, &map, &[r(524288, 65536)]), Ok(()));
+    }
+
+    #[test]
+    fn several_ranges_map_lowest_first_and_adjacent_ones_count_as_one() {
+        let map = [l(0, 1000, 1), l(1, 100000, 65536), l(65537, 300000, 1000)];
+        // File order does not matter, Podman sorts.
+        assert_eq!(compare_map(1000, &map, &[r(300000, 1000), r(100000, 65536)]), Ok(()));
+        // Two touching lines in the file are the same IDs as one line in the map.
+        let merged = [l(0, 1000, 1), l(1, 100000, 131072)];
+        assert_eq!(compare_map(1000, &merged, &[r(100000, 65536), r(165536, 65536)]), Ok(()));
+    }
+
+    #[test]
+    fn single_line_is_the_missing_newline_bug() {
+        let m = compare_map(1000, &[l(0, 1000, 1)], &[r(524288, 65536)]).unwrap_err();
+        assert_eq!(
+            m,
+            MapMismatch {
+                mapped: "maps 0 → 1000 only".into(),
+                expected: "524288:65536".into(),
+                single: true
+            }
+        );
+    }
+
+    #[test]
+    fn stale_or_partial_ranges_are_reported_with_both_sides() {
+        let map = [l(0, 1000, 1), l(1, 100000, 65536)];
+        let m = compare_map(1000, &map, &[r(524288, 65536)]).unwrap_err();
+        assert_eq!(m.mapped, "maps 1000 and 100000:65536");
+        assert_eq!(m.expected, "524288:65536");
+        assert!(!m.single);
+        // A range added after Podman started: the old one alone is not enough.
+        let m = compare_map(1000, &map, &[r(100000, 65536), r(600000, 65536)]).unwrap_err();
+        assert_eq!(m.expected, "100000:65536, 600000:65536");
+        // Mapped to another user entirely.
+        let m = compare_map(1000, &[l(0, 1001, 1), l(1, 100000, 65536)], &[r(100000, 65536)]).unwrap_err();
+        assert!(m.mapped.contains("no 0 → 1000 line"), "{}", m.mapped);
+    }
+
+    fn v2(magic: u32, perm: u64, inh: u64) -> Vec<u8> {
+        let mut b = magic.to_le_bytes().to_vec();
+        b.extend((perm as u32).to_le_bytes());
+        b.extend((inh as u32).to_le_bytes());
+        b.extend(((perm >> 32) as u32).to_le_bytes());
+        b.extend(((inh >> 32) as u32).to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_capability_blobs_of_every_revision() {
+        // cap_setuid=ep as setcap writes it on Fedora (revision 2, effective flag).
+        let caps = parse_vfs_cap(&v2(0x0200_0001, 1 << CAP_SETUID, 0)).unwrap();
+        assert!(caps.has(CAP_SETUID) && !caps.has(CAP_SETGID) && caps.effective);
+        assert_eq!(caps.rootid, None);
+        // A capability above 31 lands in the second word.
+        let caps = parse_vfs_cap(&v2(0x0200_0000, 1 << 38, 0)).unwrap();
+        assert!(caps.has(38) && !caps.effective);
+        // Revision 1: one word each.
+        let mut v1 = 0x0100_0001u32.to_le_bytes().to_vec();
+        v1.extend((1u32 << CAP_SETGID).to_le_bytes());
+        v1.extend(0u32.to_le_bytes());
+        assert!(parse_vfs_cap(&v1).unwrap().has(CAP_SETGID));
+        // Revision 3 carries the namespace's root UID.
+        let mut v3 = v2(0x0300_0001, 1 << CAP_SETUID, 0);
+        v3.extend(100000u32.to_le_bytes());
+        assert_eq!(parse_vfs_cap(&v3).unwrap().rootid, Some(100000));
+        // Garbage.
+        assert!(parse_vfs_cap(&[1, 2]).is_err());
+        assert!(parse_vfs_cap(&v2(0x0400_0000, 0, 0)).unwrap_err().contains("revision"));
+        assert!(parse_vfs_cap(&v2(0x0200_0000, 0, 0)[..12]).unwrap_err().contains("12 bytes"));
+    }
+
+    #[test]
+    fn helper_verdicts() {
+        let user = (1000, 1000);
+        let cap = |blob: Vec<u8>| Some(parse_vfs_cap(&blob));
+        // Debian: -rwsr-xr-x root root.
+        assert_eq!(judge_helper(0o104755, 0, 0, true, None, CAP_SETUID, user), Ok(Privilege::SetuidRoot));
+        // Fedora CoreOS: -rwxr-xr-x with cap_setuid=ep.
+        let fcos = cap(v2(0x0200_0001, 1 << CAP_SETUID, 0));
+        assert_eq!(
+            judge_helper(0o100755, 0, 0, true, fcos.clone(), CAP_SETUID, user),
+            Ok(Privilege::FileCap)
+        );
+        // The uid capability on the gid helper does not do.
+        assert!(judge_helper(0o100755, 0, 0, true, fcos, CAP_SETGID, user)
+            .unwrap_err()
+            .contains("without cap_setgid"));
+        // Permitted but not effective.
+        let p_only = cap(v2(0x0200_0000, 1 << CAP_SETUID, 0));
+        assert!(judge_helper(0o100755, 0, 0, true, p_only, CAP_SETUID, user)
+            .unwrap_err()
+            .contains("not effective"));
+        // Namespaced capability.
+        let mut v3 = v2(0x0300_0001, 1 << CAP_SETUID, 0);
+        v3.extend(5000u32.to_le_bytes());
+        assert!(judge_helper(0o100755, 0, 0, true, cap(v3), CAP_SETUID, user)
+            .unwrap_err()
+            .contains("rooted at UID 5000"));
+        // Setuid but not root's; plain; not executable by the user; not a file.
+        assert!(judge_helper(0o104755, 1000, 0, true, None, CAP_SETUID, user)
+            .unwrap_err()
+            .contains("neither"));
+        assert!(judge_helper(0o100755, 0, 0, true, None, CAP_SETUID, user).unwrap_err().contains("neither"));
+        assert!(judge_helper(0o104750, 0, 0, true, None, CAP_SETUID, user)
+            .unwrap_err()
+            .contains("not executable"));
+        assert_eq!(judge_helper(0o104750, 0, 1000, true, None, CAP_SETUID, user), Ok(Privilege::SetuidRoot));
+        assert!(judge_helper(0o040755, 0, 0, false, None, CAP_SETUID, user).unwrap_err().contains("regular"));
+    }
+
+    #[test]
+    fn finds_helpers_in_a_tree_by_mode_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::paths::Root::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("usr/sbin")).unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        let uid_helper = dir.path().join("usr/sbin/newuidmap");
+        std::fs::write(&uid_helper, b"#!/bin/true\n").unwrap();
+        std::fs::set_permissions(&uid_helper, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let owned_by_root = nix::unistd::geteuid().is_root();
+        let report = find_helper(&root, &HELPER_DIRS, "newuidmap", CAP_SETUID, (1000, 1000));
+        if owned_by_root {
+            assert_eq!(report.outcome, Ok((PathBuf::from("/usr/sbin/newuidmap"), Privilege::SetuidRoot)));
+            assert_eq!(report.to_string(), "/usr/sbin/newuidmap (setuid root)");
+        }
+        // Dropping the setuid bit is the fault this check exists for.
+        std::fs::set_permissions(&uid_helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let report = find_helper(&root, &HELPER_DIRS, "newuidmap", CAP_SETUID, (1000, 1000));
+        let err = report.outcome.unwrap_err();
+        assert!(err.starts_with("/usr/sbin/newuidmap is neither setuid root"), "{err}");
+        let missing = find_helper(&root, &HELPER_DIRS, "newgidmap", CAP_SETGID, (1000, 1000));
+        assert_eq!(
+            missing.outcome.unwrap_err(),
+            "newgidmap is not installed (looked in /usr/bin, /usr/sbin, /bin)"
+        );
+    }
+
+    /// A fake /proc with one process.
+    fn fake_proc(pid: u32, comm: &str, uid_map: &str, gid_map: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+        std::fs::write(p.join("uid_map"), uid_map).unwrap();
+        std::fs::write(p.join("gid_map"), gid_map).unwrap();
+        dir
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    const FULL: &str = "         0       1000          1\n         1     524288      65536\n";
+
+    const NO: Option<&DirectReader<'static>> = None;
+
+    #[tokio::test]
+    async fn reads_the_pause_process_from_its_pid_file() {
+        let dir = fake_proc(4242, "catatonit", FULL, FULL);
+        let proc = dir.path().join("proc");
+        let pid_file = dir.path().join("pause.pid");
+        let reader = DirectReader { proc: &proc };
+
+        let none = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        assert!(matches!(none, Namespace::None { ref why } if why.starts_with("no ")), "{none:?}");
+
+        std::fs::write(&pid_file, "4242").unwrap();
+        let ns = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        assert_eq!(
+            ns,
+            Namespace::Running {
+                pid: 4242,
+                uid_map: vec![l(0, 1000, 1), l(1, 524288, 65536)],
+                gid_map: vec![l(0, 1000, 1), l(1, 524288, 65536)],
+            }
+        );
+
+        // Another user's process under a reused PID is not ours.
+        let other = read_namespace(&pid_file, &proc, me() + 1, &reader, NO).await.unwrap();
+        assert!(matches!(other, Namespace::None { ref why } if why.contains("belongs to UID")), "{other:?}");
+
+        // A dead PID is stale, not an error.
+        std::fs::write(&pid_file, "4243\n").unwrap();
+        let dead = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        assert!(matches!(dead, Namespace::None { ref why } if why.contains("not running")), "{dead:?}");
+
+        std::fs::write(&pid_file, "x").unwrap();
+        assert!(read_namespace(&pid_file, &proc, me(), &reader, NO).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reused_pid_that_is_not_a_pause_process_is_stale() {
+        let dir = fake_proc(77, "bash", FULL, FULL);
+        let proc = dir.path().join("proc");
+        let pid_file = dir.path().join("pause.pid");
+        std::fs::write(&pid_file, "77").unwrap();
+        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        assert!(matches!(ns, Namespace::None { ref why } if why.contains("\"bash\"")), "{ns:?}");
+
+        let ident = "         0          0 4294967295\n";
+        let dir = fake_proc(78, "podman pause", ident, ident);
+        let proc = dir.path().join("proc");
+        std::fs::write(&pid_file, "78").unwrap();
+        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        assert!(
+            matches!(ns, Namespace::None { ref why } if why.contains("not in a user namespace")),
+            "{ns:?}"
+        );
+    }
+
+    /// A reader that sees nothing, as root does under ProtectProc=invisible.
+    struct Hidden;
+    impl ProcReader for Hidden {
+        async fn read(&self, _: u32, _: &str) -> io::Result<String> {
+            Err(io::ErrorKind::NotFound.into())
+        }
+    }
+
+    #[tokio::test]
+    async fn hidden_from_root_falls_back_to_the_users_view() {
+        let dir = fake_proc(5000, "catatonit", "0 1000 1\n", "0 1000 1\n");
+        let proc = dir.path().join("proc");
+        let pid_file = dir.path().join("pause.pid");
+        std::fs::write(&pid_file, "5000").unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let user_view = DirectReader { proc: &proc };
+        let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, Some(&user_view)).await.unwrap();
+        assert!(matches!(ns, Namespace::Running { pid: 5000, .. }), "{ns:?}");
+        // Without the fallback the process looks gone.
+        let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, NO).await.unwrap();
+        assert!(matches!(ns, Namespace::None { .. }));
+    }
 }

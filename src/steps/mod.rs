@@ -186,7 +186,12 @@ impl Step {
             .into_iter()
             .filter(|s| cx.root.is_host() || !s.needs_live_system())
             .filter(|s| *s != Step::Canary || !cx.settings.canary.image.is_empty())
-            .filter(|s| matches!(s, Step::SubIds | Step::UnprivilegedPorts | Step::Linger | Step::PodmanSocket))
+            .filter(|s| {
+                matches!(
+                    s,
+                    Step::Drain | Step::SubIds | Step::UnprivilegedPorts | Step::Linger | Step::PodmanSocket
+                )
+            })
             .collect()
     }
 

@@ -330,6 +330,7 @@ fn assert_times_out(root: &Root, holder: LockHolder, lock: &str) {
     let started = Instant::now();
     let err = ensure(root, IdKind::Uid, &core(), 65536, SHORT).unwrap_err();
     assert!(started.elapsed() >= SHORT, "gave up early");
+    assert!(started.elapsed() < SHORT + Duration::from_secs(2), "waited {:?}", started.elapsed());
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!("{} is locked by {holder} (waited", root.join(lock).display())),
@@ -441,4 +442,110 @@ fn parse_and_append_are_pure() {
     assert_eq!(append_entry(b"a:1:2\r\n", "core", range), b"a:1:2\r\ncore:7:8\n");
     assert_eq!(range.to_string(), "7:8");
     assert_eq!(range.end(), 15);
+}
+
+#[test]
+fn lock_with_invalid_pid_counts_as_held() {
+    let (_dir, root) = node();
+    write(&root, "/etc/subuid.lock", b"abc\0");
+    assert_times_out(&root, LockHolder::InvalidPid { content: "abc".into() }, "/etc/subuid.lock");
+    assert_eq!(read(&root, "/etc/subuid.lock"), b"abc\0");
+}
+
+#[test]
+fn stale_lock_with_our_own_pid_is_reclaimed() {
+    // A PID reused after a crash and reboot: no other thread of ours holds it.
+    let (_dir, root) = node();
+    write(&root, "/etc/subuid.lock", format!("{}\0", std::process::id()).as_bytes());
+    assert_eq!(ensure_uid(&root).unwrap(), added(100000));
+    assert!(!root.join("/etc/subuid.lock").exists());
+    assert_no_leftovers(&root);
+}
+
+/// Each of these planted symlinks fails the write closed and leaves the target alone.
+#[test]
+fn symlinked_lock_and_backup_files_are_refused() {
+    for (link, reason) in [
+        ("/etc/subuid.lock", "Too many levels of symbolic links"),
+        ("/etc/.pwd.lock", "Too many levels of symbolic links"),
+        ("/etc/subuid-", "refusing symlinked"),
+    ] {
+        let (_dir, root) = node();
+        write(&root, "/etc/subuid", b"other:100000:65536\n");
+        write(&root, "/etc/other", b"precious\n");
+        symlink(root.join("/etc/other"), root.join(link)).unwrap();
+        let msg = ensure_uid(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains(&root.join(link).display().to_string()) && msg.contains(reason),
+            "{link}: {msg}"
+        );
+        assert_eq!(read(&root, "/etc/other"), b"precious\n", "{link}: target written");
+        assert_eq!(read(&root, "/etc/subuid"), b"other:100000:65536\n", "{link}: file written");
+        assert!(fs::symlink_metadata(root.join(link)).unwrap().file_type().is_symlink());
+        assert!(!root.join("/etc/subuid.lock").exists() || link == "/etc/subuid.lock", "{link}: lock kept");
+    }
+}
+
+fn names_in_etc(root: &Root) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(root.join("/etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn orphans_of_a_killed_write_are_cleaned_up_under_the_lock() {
+    let (_dir, root) = node();
+    write(&root, "/etc/subuid", b"other:100000:65536\n");
+    let dead = dead_pid();
+    let mut live = Command::new("sleep").arg("30").spawn().unwrap();
+    // Ours, left by a killed run: a temporary file of the file and of its backup, and a
+    // PID file of a dead writer (shadow-utils' pattern, so theirs too).
+    write(&root, "/etc/.subuid.executor-agent.aB3dE9", b"other:100000:65536\ncore:165");
+    write(&root, "/etc/.subuid-.executor-agent.zzzzzz", b"other:1");
+    write(&root, &format!("/etc/subuid.{dead}"), format!("{dead}\0").as_bytes());
+    // Not ours or not dead: kept.
+    let kept = [
+        ".subuid.executor-agent.toolong1".to_string(),
+        ".subuid.executor-agent.short".to_string(),
+        ".subgid.executor-agent.aB3dE9".to_string(),
+        "subuid+".to_string(),
+        "subuid.cio123456".to_string(),
+        format!("subuid.{}", live.id()),
+        // An administrator's copy named like a PID file, of a PID that is not running.
+        format!("subuid.{dead}0"),
+    ];
+    for name in &kept {
+        let contents = if name == &format!("subuid.{}", live.id()) {
+            format!("{}\0", live.id())
+        } else {
+            "other:100000:65536\n".to_string()
+        };
+        write(&root, &format!("/etc/{name}"), contents.as_bytes());
+    }
+
+    assert_eq!(ensure_uid(&root).unwrap(), added(165536));
+
+    assert_eq!(read(&root, "/etc/subuid"), b"other:100000:65536\ncore:165536:65536\n");
+    let mut expected: Vec<String> = kept.to_vec();
+    expected.extend([".pwd.lock", "subuid", "subuid-"].map(String::from));
+    expected.sort();
+    assert_eq!(names_in_etc(&root), expected);
+    live.kill().unwrap();
+    live.wait().unwrap();
+}
+
+#[test]
+fn cleanup_does_not_count_as_a_write() {
+    let (_dir, root) = node();
+    write(&root, "/etc/subuid", b"core:524288:65536\n");
+    write(&root, "/etc/.subuid.executor-agent.Qw12er", b"core:5");
+    let path = root.join("/etc/subuid");
+    let before = fs::metadata(&path).unwrap();
+    assert!(matches!(ensure_uid(&root).unwrap(), EnsureOutcome::AlreadyPresent { .. }));
+    let after = fs::metadata(&path).unwrap();
+    assert_eq!((after.ino(), after.modified().unwrap()), (before.ino(), before.modified().unwrap()));
+    assert_eq!(names_in_etc(&root), [".pwd.lock", "subuid"]);
 }

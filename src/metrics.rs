@@ -1,0 +1,147 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text): checks, readiness, repairs, drift.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::checks::{CheckSet, Transition};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: String,
+    required: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepairLabels {
+    step: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriftLabels {
+    check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    check_ok: Family<CheckLabels, Gauge>,
+    ready: Gauge,
+    time_to_ready: Gauge<f64, AtomicU64>,
+    repairs: Family<RepairLabels, Counter>,
+    drift: Family<DriftLabels, Counter>,
+    gc_freed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("executor_agent");
+        let check_ok = Family::<CheckLabels, Gauge>::default();
+        registry.register("check_ok", "1 when the check passes, 0 when it fails", check_ok.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 when every required check passes", ready.clone());
+        let time_to_ready = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "time_to_ready_seconds",
+            "Seconds from the agent's start until the node was first ready",
+            time_to_ready.clone(),
+        );
+        let repairs = Family::<RepairLabels, Counter>::default();
+        registry.register(
+            "repairs",
+            "Repair attempts by step and outcome (success, failure)",
+            repairs.clone(),
+        );
+        let drift = Family::<DriftLabels, Counter>::default();
+        registry.register("drift_events", "Times a passing check started failing", drift.clone());
+        let gc_freed = Counter::default();
+        registry.register("image_gc_freed_bytes", "Bytes freed by removing unused images", gc_freed.clone());
+        let build = Family::<BuildLabels, Gauge>::default();
+        registry.register("build_info", "The agent's version", build.clone());
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        Metrics { registry, check_ok, ready, time_to_ready, repairs, drift, gc_freed }
+    }
+
+    /// Updates the gauges from the latest checks and counts drift from their transitions.
+    pub fn observe(&self, checks: &CheckSet, transitions: &[Transition]) {
+        for c in checks.checks() {
+            let labels = CheckLabels { check: c.name.to_string(), required: c.required.to_string() };
+            self.check_ok.get_or_create(&labels).set(i64::from(c.ok));
+        }
+        self.ready.set(i64::from(checks.ready()));
+        for t in transitions.iter().filter(|t| !t.ok) {
+            self.drift.get_or_create(&DriftLabels { check: t.name.to_string() }).inc();
+        }
+    }
+
+    pub fn first_ready(&self, seconds: f64) {
+        self.time_to_ready.set(seconds);
+    }
+
+    pub fn repaired(&self, step: &str, success: bool) {
+        let outcome = if success { "success" } else { "failure" };
+        self.repairs.get_or_create(&RepairLabels { step: step.into(), outcome: outcome.into() }).inc();
+    }
+
+    pub fn image_gc_freed(&self, bytes: u64) {
+        self.gc_freed.inc_by(bytes);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::{Observation, CHECK_NAMES};
+    use std::time::SystemTime;
+
+    #[test]
+    fn exposes_checks_readiness_repairs_and_drift() {
+        let m = Metrics::new();
+        let mut set = CheckSet::pending(SystemTime::UNIX_EPOCH);
+        let t = set.record(
+            CHECK_NAMES.iter().map(|&n| Observation::pass(n, "ok")).collect(),
+            SystemTime::UNIX_EPOCH,
+        );
+        m.observe(&set, &t);
+        m.first_ready(0.75);
+        let t = set.record(vec![Observation::fail("podman-api", "refused")], SystemTime::UNIX_EPOCH);
+        m.observe(&set, &t);
+        m.repaired("podman-socket", true);
+        m.image_gc_freed(1024);
+        let text = m.render();
+        for line in [
+            "executor_agent_check_ok{check=\"podman-api\",required=\"true\"} 0",
+            "executor_agent_check_ok{check=\"linger\",required=\"true\"} 1",
+            "executor_agent_ready 0",
+            "executor_agent_time_to_ready_seconds 0.75",
+            "executor_agent_repairs_total{step=\"podman-socket\",outcome=\"success\"} 1",
+            "executor_agent_drift_events_total{check=\"podman-api\"} 1",
+            "executor_agent_image_gc_freed_bytes_total 1024",
+            "executor_agent_build_info{version=\"",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Images and containers through the Docker-compatible API: list, remove, create. Only the
+//! fields the agent uses are decoded; Podman 4.3 and Docker both send them.
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+
+use super::{Client, Method};
+
+/// One entry of `GET /images/json`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageSummary {
+    /// `sha256:<hex>`.
+    pub id: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: i64,
+    #[serde(default)]
+    pub size: i64,
+    /// Containers using the image as Podman counts them; Docker sends -1 when it did not count.
+    #[serde(default)]
+    pub containers: i64,
+    /// Docker sends `null` for an untagged image.
+    #[serde(default)]
+    pub repo_tags: Option<Vec<String>>,
+}
+
+impl ImageSummary {
+    /// The first tag, or the short ID for an untagged image: how an operator names it.
+    pub fn name(&self) -> String {
+        self.repo_tags
+            .as_deref()
+            .and_then(|tags| tags.iter().find(|t| t.as_str() != "<none>:<none>"))
+            .cloned()
+            .unwrap_or_else(|| short_id(&self.id).to_string())
+    }
+}
+
+/// One entry of `GET /containers/json`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ContainerSummary {
+    #[serde(rename = "Id")]
+    pub id: String,
+    /// The image's ID; `sha256:<hex>` or bare hex depending on the engine.
+    #[serde(rename = "ImageID", default)]
+    pub image_id: String,
+    /// The image as the container was created from it (name or ID).
+    #[serde(rename = "Image", default)]
+    pub image: String,
+}
+
+/// The ID without its `sha256:` prefix, so IDs from different fields compare equal.
+pub fn bare_id(id: &str) -> &str {
+    id.strip_prefix("sha256:").unwrap_or(id)
+}
+
+/// The first 12 hex digits, as `podman images` shows them.
+pub fn short_id(id: &str) -> &str {
+    let bare = bare_id(id);
+    bare.get(..12).unwrap_or(bare)
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
+fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A path segment from an ID or name: only characters that cannot change the request's path.
+fn path_segment(id: &str) -> Result<&str> {
+    let ok = !id.is_empty()
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:@".contains(&b))
+        && id != "."
+        && id != "..";
+    anyhow::ensure!(ok, "{id:?} is not an image or container ID");
+    Ok(id)
+}
+
+impl Client {
+    /// Top-level images (`all=false`: no intermediate layers of builds).
+    pub async fn list_images(&self) -> Result<Vec<ImageSummary>> {
+        self.call_json(Method::GET, "/images/json?all=false", None).await
+    }
+
+    /// Every container, running or not, optionally only those with a label (`key=value`).
+    pub async fn list_containers(&self, label: Option<&str>) -> Result<Vec<ContainerSummary>> {
+        let mut path = "/containers/json?all=true".to_string();
+        if let Some(label) = label {
+            let filters = serde_json::json!({ "label": [label] }).to_string();
+            path.push_str(&format!("&filters={}", query_value(&filters)));
+        }
+        self.call_json(Method::GET, &path, None).await
+    }
+
+    /// Removes an image without force: the engine refuses (409) an image that a container
+    /// uses or that other images depend on, which is what keeps a racing job safe.
+    pub async fn remove_image(&self, id: &str) -> Result<()> {
+        let path = format!("/images/{}", path_segment(bare_id(id))?);
+        self.call(Method::DELETE, &path, None).await.map(drop)
+    }
+
+    /// Creates (does not start) a container from `body` (the Docker create document);
+    /// returns its ID. The engine never pulls here: a missing image answers 404.
+    pub async fn create_container(&self, body: &serde_json::Value) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "Id")]
+            id: String,
+        }
+        let created: Created = self.call_json(Method::POST, "/containers/create", Some(body)).await?;
+        Ok(created.id)
+    }
+
+    /// Removes a container; `force` also stops a running one.
+    pub async fn remove_container(&self, id: &str, force: bool) -> Result<()> {
+        let path = format!("/containers/{}?force={force}", path_segment(id)?);
+        self.call(Method::DELETE, &path, None)
+            .await
+            .map(drop)
+            .with_context(|| format!("removing container {}", short_id(id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::podman_api::ApiError;
+    use axum::extract::{Path, RawQuery};
+    use axum::http::StatusCode;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    async fn serve(router: axum::Router) -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("podman.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        (dir, Client::new(path, Duration::from_secs(2)))
+    }
+
+    #[tokio::test]
+    async fn decodes_podman_4_3_listings() {
+        // Shapes as Podman 4.3.1's compat API sends them (trimmed).
+        let router = axum::Router::new()
+            .route(
+                "/images/json",
+                axum::routing::get(|q: RawQuery| async move {
+                    assert_eq!(q.0.as_deref(), Some("all=false"));
+                    axum::Json(serde_json::json!([
+                        {"Id": "sha256:aaaa111122223333", "ParentId": "", "RepoTags": ["docker.io/library/busybox:latest"],
+                         "Created": 1700000000, "Size": 4261550, "SharedSize": 0, "VirtualSize": 4261550,
+                         "Labels": null, "Containers": 2},
+                        {"Id": "sha256:bbbb", "RepoTags": null, "Created": 1600000000, "Size": 10}
+                    ]))
+                }),
+            )
+            .route(
+                "/containers/json",
+                axum::routing::get(|q: RawQuery| async move {
+                    let q = q.0.unwrap_or_default();
+                    assert_eq!(
+                        q,
+                        "all=true&filters=%7B%22label%22%3A%5B%22io.executor-agent.canary%3D1%22%5D%7D"
+                    );
+                    axum::Json(serde_json::json!([
+                        {"Id": "c1", "Image": "busybox", "ImageID": "aaaa111122223333", "State": "exited"}
+                    ]))
+                }),
+            );
+        let (_dir, client) = serve(router).await;
+        let images = client.list_images().await.unwrap();
+        assert_eq!(images.len(), 2);
+        assert_eq!((images[0].created, images[0].size, images[0].containers), (1700000000, 4261550, 2));
+        assert_eq!(images[0].name(), "docker.io/library/busybox:latest");
+        assert_eq!((images[1].containers, images[1].name().as_str()), (0, "bbbb"));
+        let containers = client.list_containers(Some("io.executor-agent.canary=1")).await.unwrap();
+        assert_eq!(containers[0].image_id, "aaaa111122223333");
+        assert_eq!(bare_id(&images[0].id), bare_id(&containers[0].image_id));
+    }
+
+    #[tokio::test]
+    async fn removes_by_bare_id_without_force_and_reports_conflicts() {
+        let log: Log = Arc::default();
+        let seen = log.clone();
+        let router = axum::Router::new().route(
+            "/images/{id}",
+            axum::routing::delete(move |Path(id): Path<String>, q: RawQuery| async move {
+                seen.lock().unwrap().push(format!("{id} {:?}", q.0));
+                if id == "busy" {
+                    let msg = "image used by c1: image is in use by a container";
+                    return (StatusCode::CONFLICT, axum::Json(serde_json::json!({"message": msg})));
+                }
+                (StatusCode::OK, axum::Json(serde_json::json!([{"Deleted": id}])))
+            }),
+        );
+        let (_dir, client) = serve(router).await;
+        client.remove_image("sha256:abcd").await.unwrap();
+        let err = client.remove_image("busy").await.unwrap_err();
+        assert_eq!(ApiError::status_of(&err), Some(409));
+        assert!(err.to_string().contains("in use by a container"), "{err:#}");
+        assert_eq!(*log.lock().unwrap(), ["abcd None", "busy None"]);
+        assert!(client.remove_image("../containers/x").await.is_err());
+        assert_eq!(log.lock().unwrap().len(), 2, "a bad ID must not reach the API");
+    }
+
+    #[tokio::test]
+    async fn creates_and_force_removes_containers() {
+        let log: Log = Arc::default();
+        let (created, removed) = (log.clone(), log.clone());
+        let router = axum::Router::new()
+            .route(
+                "/containers/create",
+                axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| async move {
+                    created.lock().unwrap().push(format!("create {}", body["Image"]));
+                    (StatusCode::CREATED, axum::Json(serde_json::json!({"Id": "c0ffee", "Warnings": []})))
+                }),
+            )
+            .route(
+                "/containers/{id}",
+                axum::routing::delete(move |Path(id): Path<String>, q: RawQuery| async move {
+                    removed.lock().unwrap().push(format!("delete {id} {}", q.0.unwrap_or_default()));
+                    StatusCode::NO_CONTENT
+                }),
+            );
+        let (_dir, client) = serve(router).await;
+        let id = client.create_container(&serde_json::json!({"Image": "busybox"})).await.unwrap();
+        assert_eq!(id, "c0ffee");
+        client.remove_container(&id, true).await.unwrap();
+        assert_eq!(*log.lock().unwrap(), [r#"create "busybox""#, "delete c0ffee force=true"]);
+    }
+}
