@@ -88,7 +88,7 @@ pub async fn repair_pass(
         let due: Vec<Step> = steps
             .iter()
             .copied()
-            .filter(|s| !inspections[s].converged() && s.repairs(cx) && !attempted.contains(s))
+            .filter(|s| inspections[s].wants_repair() && s.repairs(cx) && !attempted.contains(s))
             .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
             .filter(|s| {
                 s.after().iter().all(|d| {
@@ -145,7 +145,7 @@ pub async fn repair_pass(
         inspections.extend(again);
     }
     for (step, inspection) in &inspections {
-        if inspection.converged() {
+        if !inspection.wants_repair() {
             backoff.entry(*step).or_default().succeeded();
         }
     }
@@ -195,6 +195,7 @@ async fn one_pass(
     for step in &pass.attempted {
         reporter.metrics.repaired(step.name(), !pass.errors.iter().any(|(s, _)| s == step));
     }
+    reporter.metrics.image_gc_freed(steps::storage::take_freed_bytes());
     reporter.publish(observations(&pass));
 }
 

@@ -47,6 +47,9 @@ pub struct ContainerSummary {
     /// The image as the container was created from it (name or ID).
     #[serde(rename = "Image", default)]
     pub image: String,
+    /// Unix seconds.
+    #[serde(rename = "Created", default)]
+    pub created: i64,
 }
 
 /// The ID without its `sha256:` prefix, so IDs from different fields compare equal.
@@ -99,10 +102,12 @@ impl Client {
         self.call_json(Method::GET, &path, None).await
     }
 
-    /// Removes an image without force: the engine refuses (409) an image that a container
-    /// uses or that other images depend on, which is what keeps a racing job safe.
+    /// Removes an image by ID without force: the engine refuses (409) an image that a
+    /// container uses or that other images depend on, which is what keeps a racing job safe.
     pub async fn remove_image(&self, id: &str) -> Result<()> {
-        let path = format!("/images/{}", path_segment(bare_id(id))?);
+        // Always `sha256:<hex>`: Podman 4.3 resolves it and answers 404 once the image is
+        // gone, while a bare 64-hex ID of a missing image fails as a bad name with a 500.
+        let path = format!("/images/sha256:{}", path_segment(bare_id(id))?);
         self.call(Method::DELETE, &path, None).await.map(drop)
     }
 
@@ -172,7 +177,8 @@ mod tests {
                         "all=true&filters=%7B%22label%22%3A%5B%22io.executor-agent.canary%3D1%22%5D%7D"
                     );
                     axum::Json(serde_json::json!([
-                        {"Id": "c1", "Image": "busybox", "ImageID": "aaaa111122223333", "State": "exited"}
+                        {"Id": "c1", "Image": "docker.io/library/busybox:latest",
+                         "ImageID": "sha256:aaaa111122223333", "State": "created", "Created": 1700000100}
                     ]))
                 }),
             );
@@ -183,19 +189,20 @@ mod tests {
         assert_eq!(images[0].name(), "docker.io/library/busybox:latest");
         assert_eq!((images[1].containers, images[1].name().as_str()), (0, "bbbb"));
         let containers = client.list_containers(Some("io.executor-agent.canary=1")).await.unwrap();
-        assert_eq!(containers[0].image_id, "aaaa111122223333");
+        assert_eq!(containers[0].image_id, "sha256:aaaa111122223333");
+        assert_eq!(containers[0].created, 1700000100);
         assert_eq!(bare_id(&images[0].id), bare_id(&containers[0].image_id));
     }
 
     #[tokio::test]
-    async fn removes_by_bare_id_without_force_and_reports_conflicts() {
+    async fn removes_by_full_id_without_force_and_reports_conflicts() {
         let log: Log = Arc::default();
         let seen = log.clone();
         let router = axum::Router::new().route(
             "/images/{id}",
             axum::routing::delete(move |Path(id): Path<String>, q: RawQuery| async move {
                 seen.lock().unwrap().push(format!("{id} {:?}", q.0));
-                if id == "busy" {
+                if id == "sha256:busy" {
                     let msg = "image used by c1: image is in use by a container";
                     return (StatusCode::CONFLICT, axum::Json(serde_json::json!({"message": msg})));
                 }
@@ -207,7 +214,7 @@ mod tests {
         let err = client.remove_image("busy").await.unwrap_err();
         assert_eq!(ApiError::status_of(&err), Some(409));
         assert!(err.to_string().contains("in use by a container"), "{err:#}");
-        assert_eq!(*log.lock().unwrap(), ["abcd None", "busy None"]);
+        assert_eq!(*log.lock().unwrap(), ["sha256:abcd None", "sha256:busy None"]);
         assert!(client.remove_image("../containers/x").await.is_err());
         assert_eq!(log.lock().unwrap().len(), 2, "a bad ID must not reach the API");
     }

@@ -55,7 +55,7 @@ async fn observe(
             return Observation { name: CHECK, ok: run.ok, detail };
         }
     }
-    let outcome = match tokio::time::timeout(settings.timeout, run(api, &settings.image)).await {
+    let outcome = match tokio::time::timeout(settings.timeout, run(api, settings)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(anyhow!(
             "no answer within {} (canary.timeout); a container left behind is removed on the next run",
@@ -71,10 +71,17 @@ async fn observe(
 }
 
 /// Removes leftovers, then creates and removes one container; returns the detail.
-async fn run(api: &Client, image: &str) -> Result<String> {
-    let leftovers = api.list_containers(Some(LABEL)).await?;
+async fn run(api: &Client, settings: &Settings) -> Result<String> {
+    let image = settings.image.as_str();
+    // Only containers older than a whole run: a younger one may belong to a canary running
+    // right now in another process (`executor-agent check` beside the daemon).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let stale_before = now - settings.timeout.as_secs().max(1) as i64;
+    let leftovers: Vec<_> =
+        api.list_containers(Some(LABEL)).await?.into_iter().filter(|c| c.created < stale_before).collect();
     for container in &leftovers {
         match api.remove_container(&container.id, true).await {
+            // Gone already: another cleanup was quicker.
             Err(e) if ApiError::status_of(&e) != Some(404) => return Err(e),
             _ => {}
         }
@@ -114,8 +121,13 @@ mod tests {
 
     type Log = Arc<StdMutex<Vec<String>>>;
 
-    /// A Docker API double that knows the image `localhost/busybox`, lists one leftover
-    /// canary container, and records every request.
+    fn now_unix() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    /// A Docker API double that knows the image `localhost/busybox`, lists an old leftover
+    /// canary container and one another process's canary has just created, and records
+    /// every request.
     async fn fake_api(log: Log, hang: bool) -> (tempfile::TempDir, Client) {
         let (l1, l2, l3) = (log.clone(), log.clone(), log.clone());
         let router = axum::Router::new()
@@ -124,7 +136,10 @@ mod tests {
                 axum::routing::get(move |q: RawQuery| async move {
                     l1.lock().unwrap().push(format!("list {}", q.0.unwrap_or_default()));
                     axum::Json(
-                        serde_json::json!([{"Id": "leftover", "ImageID": "x", "Image": "localhost/busybox"}]),
+                        serde_json::json!([
+                        {"Id": "leftover", "ImageID": "x", "Image": "localhost/busybox", "Created": 1700000000},
+                        {"Id": "running-now", "ImageID": "x", "Image": "localhost/busybox", "Created": now_unix()},
+                    ]),
                     )
                 }),
             )

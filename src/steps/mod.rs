@@ -81,6 +81,12 @@ impl Inspection {
     pub fn converged(&self) -> bool {
         self.observations.iter().all(|o| o.ok)
     }
+
+    /// Whether `converge` has work: a failing check, or a plan made while passing (storage
+    /// above the image-GC mark but below not-ready).
+    pub fn wants_repair(&self) -> bool {
+        !self.converged() || !self.plan.is_empty()
+    }
 }
 
 /// The provisioning steps and checks, in the order they are shown.
@@ -189,7 +195,13 @@ impl Step {
             .filter(|s| {
                 matches!(
                     s,
-                    Step::Drain | Step::SubIds | Step::UnprivilegedPorts | Step::Linger | Step::PodmanSocket
+                    Step::Drain
+                        | Step::SubIds
+                        | Step::UnprivilegedPorts
+                        | Step::Linger
+                        | Step::PodmanSocket
+                        | Step::Storage
+                        | Step::Canary
                 )
             })
             .collect()

@@ -137,7 +137,7 @@ mod tests {
     }
 
     fn container(image_id: &str, image: &str) -> ContainerSummary {
-        ContainerSummary { id: "c".into(), image_id: image_id.into(), image: image.into() }
+        ContainerSummary { id: "c".into(), image_id: image_id.into(), image: image.into(), created: 0 }
     }
 
     fn ids(images: &[ImageSummary]) -> Vec<&str> {
@@ -194,6 +194,7 @@ mod tests {
             .route(
                 "/images/{id}",
                 axum::routing::delete(move |Path(id): Path<String>| async move {
+                    let id = id.strip_prefix("sha256:").expect("removal by full ID").to_string();
                     log.lock().unwrap().push(id.clone());
                     if id == "busy" {
                         return (
