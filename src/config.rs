@@ -224,10 +224,13 @@ pub struct PodmanConfig {
     /// Manage `~/.config/containers/{storage.conf,containers.conf}` of the runner user.
     pub manage: bool,
     /// `[storage] driver`: native rootless overlay rather than the slow vfs.
+    #[serde(deserialize_with = "storage_driver")]
     pub storage_driver: String,
     /// `[network] default_rootless_network_cmd` ("pasta" or "slirp4netns"); empty: Podman's.
+    #[serde(deserialize_with = "network_cmd")]
     pub network_cmd: String,
     /// Registry host -> credential helper (`ecr-login` runs `docker-credential-ecr-login`).
+    #[serde(deserialize_with = "cred_helpers")]
     pub cred_helpers: BTreeMap<String, String>,
     /// Link /var/run/docker.sock to the user's Podman socket for tools that hard-code it.
     pub docker_socket_link: bool,
@@ -500,6 +503,38 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     })
 }
 
+fn storage_driver<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let driver = String::deserialize(d)?;
+    match driver.as_str() {
+        "overlay" | "vfs" | "btrfs" | "zfs" => Ok(driver),
+        _ => Err(D::Error::custom(format!("{driver:?} is not a storage driver (overlay, vfs, btrfs, zfs)"))),
+    }
+}
+
+fn network_cmd<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let cmd = String::deserialize(d)?;
+    match cmd.as_str() {
+        "" | "pasta" | "slirp4netns" => Ok(cmd),
+        _ => Err(D::Error::custom(format!("{cmd:?} is not a rootless network command (pasta, slirp4netns, or \"\")"))),
+    }
+}
+
+fn cred_helpers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    use crate::steps::podman_config::{valid_helper_name, valid_registry};
+    let map = BTreeMap::<String, String>::deserialize(d)?;
+    for (registry, helper) in &map {
+        if !valid_registry(registry) {
+            return Err(D::Error::custom(format!("{registry:?} is not a registry host name")));
+        }
+        if !valid_helper_name(helper) {
+            return Err(D::Error::custom(format!(
+                "{helper:?} is not a credential helper name (docker-credential-NAME must be a plain file name)"
+            )));
+        }
+    }
+    Ok(map)
+}
+
 fn check_policies<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<String, CheckPolicyOverride>, D::Error> {
@@ -597,6 +632,9 @@ mod tests {
                 2,
             ),
             ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
+            ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
+            ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),
+            ("[podman_config.cred_helpers]\n\"r.example\" = \"../../bin/sh\"\n", "podman_config.cred_helpers", 1),
         ];
         for (text, key, line) in cases {
             let err = merged(&[("/etc/executor-agent/config.d/10-bad.toml", text)]).unwrap_err();

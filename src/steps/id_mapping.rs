@@ -331,6 +331,10 @@ pub async fn read_namespace<R: ProcReader, F: ProcReader>(
     }
     let uid_map = parse_id_map(&uid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/uid_map: {e}"))?;
     let gid_map = parse_id_map(&gid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/gid_map: {e}"))?;
+    // Maps are written once, by newuidmap, right after the namespace is made.
+    if uid_map.is_empty() || gid_map.is_empty() {
+        return Ok(Namespace::None { why: format!("PID {pid}'s user namespace is still being set up") });
+    }
     if is_identity(&uid_map) {
         return stale(format!("PID {pid} is not in a user namespace"));
     }
@@ -755,6 +759,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reads_a_real_file_capability() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::paths::Root::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("usr/bin")).unwrap();
+        let helper = dir.path().join("usr/bin/newgidmap");
+        std::fs::write(&helper, b"#!/bin/true\n").unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // cap_setgid=ep, as `setcap` writes it (needs CAP_SETFCAP and a file system with xattrs).
+        let blob = v2(0x0200_0001, 1 << CAP_SETGID, 0);
+        let path = std::ffi::CString::new(helper.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: both strings are NUL-terminated; `blob` is valid for reads of its length.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"security.capability".as_ptr(),
+                blob.as_ptr().cast(),
+                blob.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            eprintln!("skipped: cannot set a file capability here: {}", io::Error::last_os_error());
+            return;
+        }
+        let report = find_helper(&root, &HELPER_DIRS, "newgidmap", CAP_SETGID, (1000, 1000));
+        assert_eq!(report.outcome, Ok((PathBuf::from("/usr/bin/newgidmap"), Privilege::FileCap)));
+        assert_eq!(report.to_string(), "/usr/bin/newgidmap (cap_setgid=ep)");
+        // The same file as newuidmap lacks cap_setuid.
+        std::fs::rename(&helper, dir.path().join("usr/bin/newuidmap")).unwrap();
+        let report = find_helper(&root, &HELPER_DIRS, "newuidmap", CAP_SETUID, (1000, 1000));
+        assert!(report.outcome.unwrap_err().contains("without cap_setuid"));
+    }
+
     /// A fake /proc with one process.
     fn fake_proc(pid: u32, comm: &str, uid_map: &str, gid_map: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -846,6 +884,13 @@ mod tests {
         let user_view = DirectReader { proc: &proc };
         let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, Some(&user_view)).await.unwrap();
         assert!(matches!(ns, Namespace::Running { pid: 5000, .. }), "{ns:?}");
+        // A namespace whose maps newuidmap has not written yet is not judged.
+        let dir = fake_proc(5001, "catatonit", "", "");
+        let proc = dir.path().join("proc");
+        std::fs::write(&pid_file, "5001").unwrap();
+        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        assert!(matches!(ns, Namespace::None { ref why } if why.contains("being set up")), "{ns:?}");
+        std::fs::write(&pid_file, "5000").unwrap();
         // Without the fallback the process looks gone.
         let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, NO).await.unwrap();
         assert!(matches!(ns, Namespace::None { .. }));

@@ -161,7 +161,8 @@ impl Step {
             // The Podman service fixes its user namespace and storage driver when it first
             // starts: give it the subordinate IDs and its configuration first.
             Step::PodmanSocket => &[Step::SubIds, Step::PodmanConfig, Step::Linger],
-            Step::IdMapping | Step::Storage | Step::Canary => &[Step::PodmanSocket],
+            Step::IdMapping => &[Step::SubIds, Step::PodmanSocket],
+            Step::Storage | Step::Canary => &[Step::PodmanSocket],
             _ => &[],
         }
     }
@@ -171,7 +172,9 @@ impl Step {
         match self {
             // Everything that talks to the user's manager or Podman needs the manager.
             Step::PodmanSocket => &[Step::Linger],
-            Step::IdMapping | Step::Storage | Step::Canary => &[Step::Linger, Step::PodmanSocket],
+            // A migrate with a broken subuid file would only make things worse.
+            Step::IdMapping => &[Step::SubIds, Step::Linger, Step::PodmanSocket],
+            Step::Storage | Step::Canary => &[Step::Linger, Step::PodmanSocket],
             _ => &[],
         }
     }
@@ -192,18 +195,6 @@ impl Step {
             .into_iter()
             .filter(|s| cx.root.is_host() || !s.needs_live_system())
             .filter(|s| *s != Step::Canary || !cx.settings.canary.image.is_empty())
-            .filter(|s| {
-                matches!(
-                    s,
-                    Step::Drain
-                        | Step::SubIds
-                        | Step::UnprivilegedPorts
-                        | Step::Linger
-                        | Step::PodmanSocket
-                        | Step::Storage
-                        | Step::Canary
-                )
-            })
             .collect()
     }
 

@@ -1,15 +1,1104 @@
-//! Placeholder while this step is being written in this session.
+//! The runner user's own Podman configuration: `storage.conf` (native rootless overlay
+//! rather than vfs), `containers.conf` (systemd cgroup manager, events to the journal, the
+//! rootless network command), registry credential helpers in `auth.json`, and an optional
+//! `/var/run/docker.sock` link for tools that hard-code it.
+//!
+//! Only our keys are changed; every other key, comment and the layout stay. A file is
+//! rewritten only when one of our keys differs, so a converged node is never written.
+//!
+//! Security: root writes into a directory tree the runner user controls. Every directory
+//! from the home down is opened relative to its parent with `O_NOFOLLOW` and must belong to
+//! the user (or root); files are read with `O_NOFOLLOW`, must be regular, single-linked
+//! and belong to the user (or root); new contents go to an `O_EXCL` temporary file in the
+//! same opened directory, chowned to the user, then `renameat` over the name. A symlink
+//! planted anywhere below the home therefore makes the step fail, never makes root read
+//! or write elsewhere; a file swapped in while we edit is detected and left alone.
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context as _, Result};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write as _};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use super::{Context, Inspection};
+use crate::checks::Observation;
+use crate::config::PodmanConfig;
+use crate::fsutil;
+use crate::steps::id_mapping::executable_by;
+
+const CHECK: &str = "podman-config";
+/// `/var/run` is a link to `/run`; systemd-tmpfiles wants the real path.
+pub const DOCKER_SOCK: &str = "/run/docker.sock";
+/// Makes the link at boot (and now, through a transient systemd-tmpfiles run).
+pub const TMPFILES: &str = "/etc/tmpfiles.d/executor-agent-docker-sock.conf";
+/// The user manager's PATH, where Podman looks for `docker-credential-*`.
+pub const HELPER_DIRS: [&str; 6] =
+    ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"];
+/// Larger files are not configuration we are willing to parse as root.
+const MAX_FILE: i64 = 1 << 20;
+
+// ------------------------------------------------------------------------------------------------
+// Pure parts: TOML and JSON edits, the storage driver decision.
+
+/// One key we own in a TOML file: `[table] key = "value"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub table: &'static str,
+    pub key: &'static str,
+    pub value: String,
+}
+
+/// A key whose value changes; `from` is `None` when it was not set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub what: String,
+    pub from: Option<String>,
+    pub to: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.from {
+            None => write!(f, "{} = {:?}", self.what, self.to),
+            Some(from) => write!(f, "{} = {:?} (was {from})", self.what, self.to),
+        }
+    }
+}
+
+/// A parse error as "line L, column C: message", without quoting the file (which is the
+/// user's, and shown on the health endpoint).
+pub fn toml_error(text: &str, e: &toml_edit::TomlError) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+            format!("line {line}, column {column}: {}", e.message().trim())
+        }
+        None => e.message().trim().to_string(),
+    }
+}
+
+/// The string value of `[table] key`, if set.
+pub fn toml_value(text: &str, table: &str, key: &str) -> Result<Option<String>, String> {
+    let doc: toml_edit::DocumentMut = text.parse().map_err(|e| toml_error(text, &e))?;
+    let Some(item) = doc.get(table) else { return Ok(None) };
+    let table_like = item.as_table_like().ok_or_else(|| format!("{table} is not a table"))?;
+    match table_like.get(key) {
+        None => Ok(None),
+        Some(item) => match item.as_str() {
+            Some(s) => Ok(Some(s.to_string())),
+            None => Err(format!("{table}.{key} is not a string")),
+        },
+    }
+}
+
+/// Sets `settings` in a TOML text, keeping everything else. `Ok(None)` when every key
+/// already has its value (nothing to write).
+pub fn edit_toml(text: &str, settings: &[Setting]) -> Result<Option<(String, Vec<Change>)>, String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| toml_error(text, &e))?;
+    let mut changes = Vec::new();
+    for s in settings {
+        let item =
+            doc.as_table_mut().entry(s.table).or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+        if let Some(t) = item.as_table_mut() {
+            // `[a.b]` alone makes `a` implicit: it would not be printed with our key.
+            t.set_implicit(false);
+        }
+        let table = item.as_table_like_mut().ok_or_else(|| format!("{} is not a table", s.table))?;
+        let what = format!("[{}] {}", s.table, s.key);
+        match table.get_mut(s.key) {
+            None => {
+                table.insert(s.key, toml_edit::value(s.value.as_str()));
+                changes.push(Change { what, from: None, to: s.value.clone() });
+            }
+            Some(item) => {
+                let value =
+                    item.as_value_mut().ok_or_else(|| format!("{}.{} is not a value", s.table, s.key))?;
+                if value.as_str() == Some(s.value.as_str()) {
+                    continue;
+                }
+                let from = value.clone().decorated("", "").to_string();
+                // Keep the comment after the value and the spacing around it.
+                let decor = value.decor().clone();
+                *value = toml_edit::Value::from(s.value.as_str());
+                *value.decor_mut() = decor;
+                changes.push(Change { what, from: Some(from), to: s.value.clone() });
+            }
+        }
+    }
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((doc.to_string(), changes)))
+}
+
+/// Sets `credHelpers` entries in an `auth.json` text (absent or empty: a new file), keeping
+/// every other key (`auths` holds secrets). Written as Podman writes it (tab indent,
+/// sorted keys). `Ok(None)` when nothing changes.
+pub fn merge_cred_helpers(
+    text: Option<&str>,
+    wanted: &BTreeMap<String, String>,
+) -> Result<Option<(String, Vec<Change>)>, String> {
+    let mut doc: serde_json::Value = match text {
+        Some(t) if !t.trim().is_empty() => serde_json::from_str(t)
+            .map_err(|e| format!("line {}, column {}: not JSON", e.line(), e.column()))?,
+        _ => serde_json::json!({}),
+    };
+    let root = doc.as_object_mut().ok_or("not a JSON object")?;
+    let helpers = root.entry("credHelpers").or_insert_with(|| serde_json::json!({}));
+    let helpers = helpers.as_object_mut().ok_or("credHelpers is not an object")?;
+    let mut changes = Vec::new();
+    for (registry, helper) in wanted {
+        let current = helpers.get(registry);
+        if current.and_then(|v| v.as_str()) == Some(helper.as_str()) {
+            continue;
+        }
+        changes.push(Change {
+            what: format!("credHelpers[{registry:?}]"),
+            from: current.map(|v| v.to_string()),
+            to: helper.clone(),
+        });
+        helpers.insert(registry.clone(), serde_json::Value::String(helper.clone()));
+    }
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+    serde::Serialize::serialize(&doc, &mut ser).map_err(|e| e.to_string())?;
+    out.push(b'\n');
+    Ok(Some((String::from_utf8(out).expect("JSON is UTF-8"), changes)))
+}
+
+/// A credential helper name as Podman turns it into `docker-credential-<name>`.
+pub fn valid_helper_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.')
+}
+
+/// A registry key: a host[:port][/path], no spaces or control characters.
+pub fn valid_registry(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What to do about `[storage] driver`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriverDecision {
+    /// Already configured, and the storage (if any) agrees.
+    Keep,
+    /// Set it: no storage yet, or only storage of the wanted driver.
+    Set,
+    /// Storage made with another driver exists: switching would break Podman.
+    Conflict(String),
+}
+
+/// `configured`: the user's `[storage] driver`; `in_use`: drivers with a layer store
+/// (`<graphroot>/<driver>-layers`).
+pub fn decide_driver(
+    wanted: &str,
+    configured: Option<&str>,
+    in_use: &[String],
+    graphroot: &Path,
+) -> DriverDecision {
+    let foreign: Vec<&str> = in_use.iter().map(String::as_str).filter(|d| *d != wanted).collect();
+    let needs_write = configured != Some(wanted);
+    let broken_already = !in_use.is_empty() && !in_use.iter().any(|d| d == wanted);
+    if (needs_write && !foreign.is_empty()) || broken_already {
+        let drivers = foreign.join(", ");
+        return DriverDecision::Conflict(format!(
+            "the storage at {} was created with the {drivers} driver: Podman refuses to start with \
+             {wanted} over it (database graph driver mismatch); not switched. Run `podman system reset` \
+             as the runner user (deletes all images and containers) or set [podman_config] storage_driver = {:?}",
+            graphroot.display(),
+            foreign.first().copied().unwrap_or(wanted)
+        ));
+    }
+    if needs_write {
+        DriverDecision::Set
+    } else {
+        DriverDecision::Keep
+    }
+}
+
+/// The tmpfiles.d line that links the Docker socket path to the user's Podman socket.
+pub fn tmpfiles_contents(uid: u32, user: &str) -> String {
+    format!(
+        "# Written by executor-agent ([podman_config] docker_socket_link = true): tools that hard-code\n\
+         # /var/run/docker.sock reach {user}'s rootless Podman. Only root and {user} may use it.\n\
+         L {DOCKER_SOCK} - - - - /run/user/{uid}/podman/podman.sock\n"
+    )
+}
+
+fn storage_settings(cfg: &PodmanConfig) -> Vec<Setting> {
+    vec![Setting { table: "storage", key: "driver", value: cfg.storage_driver.clone() }]
+}
+
+fn containers_settings(cfg: &PodmanConfig) -> Vec<Setting> {
+    let mut settings = vec![
+        Setting { table: "engine", key: "cgroup_manager", value: "systemd".into() },
+        Setting { table: "engine", key: "events_logger", value: "journald".into() },
+    ];
+    if !cfg.network_cmd.is_empty() {
+        settings.push(Setting {
+            table: "network",
+            key: "default_rootless_network_cmd",
+            value: cfg.network_cmd.clone(),
+        });
+    }
+    settings
+}
+
+// ------------------------------------------------------------------------------------------------
+// Anchored access to the user's directories.
+
+fn errno_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn refused(path: &Path, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, format!("refusing {}: {why}", path.display()))
+}
+
+fn at(path: &Path, what: &str, e: io::Error) -> io::Error {
+    let hint = if e.raw_os_error() == Some(libc::EROFS) {
+        " (the agent's unit must list the runner user's home in ReadWritePaths=)"
+    } else {
+        ""
+    };
+    io::Error::new(e.kind(), format!("{what} {}: {e}{hint}", path.display()))
+}
+
+/// A directory opened without following symlinks, known to belong to the user or root.
+pub struct Dir {
+    fd: OwnedFd,
+    pub path: PathBuf,
+}
+
+/// An existing file, read through its directory, and what identifies it.
+#[derive(Clone, Debug)]
+pub struct UserFile {
+    pub text: String,
+    pub mode: u32,
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    size: i64,
+    label: Option<Vec<u8>>,
+}
+
+/// Who may own what we read and write: the runner user, or root.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    fn accepts(self, st: &FileStat) -> bool {
+        st.st_uid == self.uid || st.st_uid == 0
+    }
+}
+
+fn is_reg(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+}
+
+impl Dir {
+    /// The home directory named by passwd (a root-controlled path: symlinks above it, like
+    /// FCOS's /home -> var/home, are followed). It must belong to the user or root.
+    pub fn open_home(path: &Path, owner: Owner) -> io::Result<Option<Dir>> {
+        let fd = match nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(at(path, "opening", errno_io(e))),
+        };
+        let dir = Dir { fd, path: path.to_path_buf() };
+        dir.check(owner)?;
+        Ok(Some(dir))
+    }
+
+    fn check(&self, owner: Owner) -> io::Result<FileStat> {
+        let st = nix::sys::stat::fstat(&self.fd).map_err(|e| at(&self.path, "inspecting", errno_io(e)))?;
+        if !owner.accepts(&st) {
+            return Err(refused(&self.path, format_args!("owned by UID {}, not the runner user", st.st_uid)));
+        }
+        Ok(st)
+    }
+
+    /// `name` below this directory, not following a symlink; `None` when missing.
+    pub fn child(&self, name: &str, owner: Owner) -> io::Result<Option<Dir>> {
+        let path = self.path.join(name);
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        match nix::fcntl::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => {
+                let dir = Dir { fd, path };
+                dir.check(owner)?;
+                Ok(Some(dir))
+            }
+            Err(Errno::ENOENT) => Ok(None),
+            // With O_DIRECTORY a symlink fails as ENOTDIR (or ELOOP): tell which it was.
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                let link = self.stat_at(name)?.is_some_and(|st| {
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
+                });
+                if link {
+                    Err(refused(&path, "it is a symlink (root does not follow links in the user's home)"))
+                } else {
+                    Err(refused(&path, "it is not a directory"))
+                }
+            }
+            Err(e) => Err(at(&path, "opening", errno_io(e))),
+        }
+    }
+
+    /// Like [`Dir::child`], creating a missing directory with `mode`, owned by the user.
+    pub fn child_or_create(&self, name: &str, mode: u32, owner: Owner) -> io::Result<(Dir, bool)> {
+        if let Some(dir) = self.child(name, owner)? {
+            return Ok((dir, false));
+        }
+        let path = self.path.join(name);
+        match nix::sys::stat::mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(at(&path, "creating", errno_io(e))),
+        }
+        let dir =
+            self.child(name, owner)?.ok_or_else(|| at(&path, "opening", io::ErrorKind::NotFound.into()))?;
+        let st = dir.check(owner)?;
+        // Only what we just made (root's) is handed to the user.
+        if st.st_uid == 0 && owner.uid != 0 {
+            nix::unistd::fchown(&dir.fd, Some(owner.uid.into()), Some(owner.gid.into()))
+                .map_err(|e| at(&path, "changing owner of", errno_io(e)))?;
+        }
+        nix::sys::stat::fchmod(&dir.fd, Mode::from_bits_truncate(mode))
+            .map_err(|e| at(&path, "changing mode of", errno_io(e)))?;
+        Ok((dir, true))
+    }
+
+    /// Reads `name` if it is a regular, single-linked file of the user (or root).
+    pub fn read(&self, name: &str, owner: Owner) -> io::Result<Option<UserFile>> {
+        let path = self.path.join(name);
+        let flags =
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let fd = match nix::fcntl::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) => {
+                return Err(refused(&path, "it is a symlink (root does not follow links in the user's home)"))
+            }
+            Err(e) => return Err(at(&path, "opening", errno_io(e))),
+        };
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| at(&path, "inspecting", errno_io(e)))?;
+        if !is_reg(&st) {
+            return Err(refused(&path, "not a regular file"));
+        }
+        if !owner.accepts(&st) {
+            return Err(refused(&path, format_args!("owned by UID {}, not the runner user", st.st_uid)));
+        }
+        if st.st_nlink != 1 {
+            return Err(refused(&path, format_args!("it has {} hard links", st.st_nlink)));
+        }
+        if st.st_size > MAX_FILE {
+            return Err(refused(
+                &path,
+                format_args!("{} bytes is too large for a configuration file", st.st_size),
+            ));
+        }
+        let mut file = File::from(fd);
+        let label = fsutil::FileMeta::of(&file).ok().and_then(|m| m.selinux_label);
+        let mut bytes = Vec::new();
+        (&mut file).take(MAX_FILE as u64 + 1).read_to_end(&mut bytes).map_err(|e| at(&path, "reading", e))?;
+        let text = String::from_utf8(bytes).map_err(|_| refused(&path, "not UTF-8 text"))?;
+        Ok(Some(UserFile {
+            text,
+            mode: st.st_mode & 0o777,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            size: st.st_size,
+            label,
+        }))
+    }
+
+    /// What is at `name` now, without following a symlink.
+    fn stat_at(&self, name: &str) -> io::Result<Option<FileStat>> {
+        match nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(at(&self.path.join(name), "inspecting", errno_io(e))),
+        }
+    }
+
+    /// Replaces `name` with `contents`, owned by the user, with `prior`'s mode (else
+    /// `new_mode`) and SELinux label; refuses when `name` is no longer what was read.
+    pub fn replace(
+        &self,
+        name: &str,
+        contents: &[u8],
+        prior: Option<&UserFile>,
+        new_mode: u32,
+        owner: Owner,
+    ) -> io::Result<()> {
+        let path = self.path.join(name);
+        let now = self.stat_at(name)?;
+        let same = match (prior, &now) {
+            (None, None) => true,
+            (Some(p), Some(st)) => {
+                (st.st_dev, st.st_ino, (st.st_mtime, st.st_mtime_nsec), st.st_size)
+                    == (p.dev, p.ino, p.mtime, p.size)
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} changed while it was being edited; left alone until the next pass",
+                    path.display()
+                ),
+            ));
+        }
+        let (temp, fd) = self.create_temp(name)?;
+        let result = (|| {
+            let mut file = File::from(fd);
+            file.write_all(contents).map_err(|e| at(&path, "writing", e))?;
+            nix::unistd::fchown(file.as_fd(), Some(owner.uid.into()), Some(owner.gid.into()))
+                .map_err(|e| at(&path, "changing owner of", errno_io(e)))?;
+            let mode = prior.map_or(new_mode, |p| p.mode) & 0o777;
+            nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
+                .map_err(|e| at(&path, "changing mode of", errno_io(e)))?;
+            if let Some(label) = prior.and_then(|p| p.label.as_ref()) {
+                // Best effort: a label the policy refuses leaves the directory's default,
+                // which is what Podman itself would create.
+                let name = c"security.selinux";
+                // SAFETY: `label` is valid for reads of its length; the name is NUL-terminated.
+                unsafe {
+                    libc::fsetxattr(file.as_raw_fd(), name.as_ptr(), label.as_ptr().cast(), label.len(), 0);
+                }
+            }
+            file.sync_all().map_err(|e| at(&path, "syncing", e))?;
+            nix::fcntl::renameat(&self.fd, temp.as_os_str(), &self.fd, name)
+                .map_err(|e| at(&path, "renaming into place", errno_io(e)))
+        })();
+        if result.is_err() {
+            let _ =
+                nix::unistd::unlinkat(&self.fd, temp.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            return result;
+        }
+        nix::unistd::fsync(&self.fd).map_err(|e| at(&self.path, "syncing", errno_io(e)))
+    }
+
+    fn create_temp(&self, name: &str) -> io::Result<(OsString, OwnedFd)> {
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        for attempt in 0u32..64 {
+            let nonce = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                ^ std::process::id().rotate_left(16)
+                ^ attempt.wrapping_mul(0x9E37_79B9);
+            let temp = OsString::from(format!(".{name}.executor-agent.{nonce:08x}"));
+            match nix::fcntl::openat(&self.fd, temp.as_os_str(), flags, Mode::from_bits_truncate(0o600)) {
+                Ok(fd) => return Ok((temp, fd)),
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(at(&self.path, "creating a temporary file in", errno_io(e))),
+            }
+        }
+        Err(at(&self.path, "creating a temporary file in", io::ErrorKind::AlreadyExists.into()))
+    }
+
+    /// Names in this directory (through the opened descriptor).
+    pub fn names(&self) -> io::Result<Vec<OsString>> {
+        let mut names: Vec<OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect())
+            .map_err(|e| at(&self.path, "listing", e))?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// What the step sees.
+
+/// Everything read for one pass: files as found, and the decisions.
+struct Seen {
+    /// What makes the check fail and the repair cannot change.
+    problems: Vec<String>,
+    facts: Vec<String>,
+    writes: Vec<PlannedWrite>,
+    link: LinkAction,
+}
+
+struct PlannedWrite {
+    name: &'static str,
+    contents: String,
+    prior: Option<UserFile>,
+    new_mode: u32,
+    changes: Vec<Change>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LinkAction {
+    None,
+    /// Write (or replace) our tmpfiles.d file, then make the link now (live only).
+    Ensure {
+        write_tmpfiles: bool,
+        link_now: bool,
+    },
+    /// docker_socket_link is off: remove our tmpfiles.d file.
+    RemoveTmpfiles,
+}
+
+fn home_of(cx: &Context) -> PathBuf {
+    cx.root.join(&cx.user.home)
+}
+
+fn owner(cx: &Context) -> Owner {
+    Owner { uid: cx.user.uid, gid: cx.user.gid }
+}
+
+fn config_dir_path(cx: &Context) -> PathBuf {
+    home_of(cx).join(".config/containers")
+}
+
+/// `~/.config/containers`, opened anchored, or `None` when some part is missing.
+fn open_config_dir(cx: &Context) -> io::Result<Option<Dir>> {
+    let owner = owner(cx);
+    let Some(home) = Dir::open_home(&home_of(cx), owner)? else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}'s home {} does not exist", cx.user.name, home_of(cx).display()),
+        ));
+    };
+    let Some(config) = home.child(".config", owner)? else { return Ok(None) };
+    config.child("containers", owner)
+}
+
+/// Where the user's images live: `[storage] graphroot` of the user's storage.conf, else
+/// `rootless_storage_path` of the system's, else `~/.local/share/containers/storage`.
+fn graphroot(cx: &Context, user_storage_conf: Option<&str>) -> PathBuf {
+    let expand = |p: &str| {
+        p.replace("$HOME", &cx.user.home.to_string_lossy())
+            .replace("$UID", &cx.user.uid.to_string())
+            .replace("$USER", &cx.user.name)
+    };
+    let from_user = user_storage_conf.and_then(|t| toml_value(t, "storage", "graphroot").ok().flatten());
+    let from_system = || {
+        let text = std::fs::read_to_string(cx.root.join("/etc/containers/storage.conf")).ok()?;
+        toml_value(&text, "storage", "rootless_storage_path").ok().flatten()
+    };
+    match from_user.or_else(from_system).map(|p| expand(&p)) {
+        Some(p) if p.starts_with('/') => cx.root.join(p),
+        _ => home_of(cx).join(".local/share/containers/storage"),
+    }
+}
+
+/// Drivers that have a layer store under `graphroot` (c/storage's `<driver>-layers`).
+pub fn drivers_in_use(graphroot: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(graphroot) else { return Vec::new() };
+    let mut drivers: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix("-layers").map(str::to_string))
+        .filter(|d| !d.is_empty())
+        .collect();
+    drivers.sort();
+    drivers
+}
+
+fn find_helper_binary(cx: &Context, helper: &str) -> Result<PathBuf, String> {
+    let name = format!("docker-credential-{helper}");
+    for dir in HELPER_DIRS {
+        let shown = Path::new(dir).join(&name);
+        if let Ok(md) = std::fs::metadata(cx.root.join(&shown)) {
+            use std::os::unix::fs::MetadataExt;
+            if md.is_file() && executable_by(md.mode(), md.uid(), md.gid(), cx.user.uid, cx.user.gid) {
+                return Ok(shown);
+            }
+        }
+    }
+    Err(format!("{name} is not on {}'s PATH ({})", cx.user.name, HELPER_DIRS.join(", ")))
+}
+
+/// A TOML file of ours: read it, and plan the edit.
+fn plan_toml(
+    dir: Option<&Dir>,
+    name: &'static str,
+    settings: &[Setting],
+    owner: Owner,
+    seen: &mut Seen,
+) -> Option<UserFile> {
+    let file = match dir.map(|d| d.read(name, owner)).transpose() {
+        Ok(f) => f.flatten(),
+        Err(e) => {
+            seen.problems.push(e.to_string());
+            return None;
+        }
+    };
+    let text = file.as_ref().map_or("", |f| f.text.as_str());
+    match edit_toml(text, settings) {
+        Err(e) => seen.problems.push(format!("{name}: {e}; not rewritten")),
+        Ok(None) => {}
+        Ok(Some((contents, changes))) => {
+            seen.writes.push(PlannedWrite { name, contents, prior: file.clone(), new_mode: 0o644, changes })
+        }
+    }
+    file
+}
+
+/// User drop-ins (`containers.conf.d/*.conf`, read after containers.conf) that set one of
+/// our keys to something else.
+fn drop_in_overrides(dir: Option<&Dir>, settings: &[Setting], owner: Owner) -> Vec<String> {
+    let Some(dir) = dir else { return Vec::new() };
+    let d = match dir.child("containers.conf.d", owner) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut found = Vec::new();
+    for name in d.names().unwrap_or_default() {
+        let Some(name) = name.to_str().filter(|n| n.ends_with(".conf")) else { continue };
+        let file = match d.read(name, owner) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                found.push(e.to_string());
+                continue;
+            }
+        };
+        for s in settings {
+            if let Ok(Some(v)) = toml_value(&file.text, s.table, s.key) {
+                if v != s.value {
+                    found.push(format!(
+                        "{}/{name} sets [{}] {} = {v:?}, which overrides {:?}",
+                        d.path.display(),
+                        s.table,
+                        s.key,
+                        s.value
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn see(cx: &Context) -> Seen {
+    let cfg = &cx.settings.podman_config;
+    let owner = owner(cx);
+    let mut seen =
+        Seen { problems: Vec::new(), facts: Vec::new(), writes: Vec::new(), link: LinkAction::None };
+    let dir = match open_config_dir(cx) {
+        Ok(dir) => dir,
+        Err(e) => {
+            seen.problems.push(e.to_string());
+            return seen;
+        }
+    };
+    let dir = dir.as_ref();
+
+    // storage.conf, unless that would switch the driver under existing storage.
+    let storage = storage_settings(cfg);
+    let before = seen.writes.len();
+    let file = plan_toml(dir, "storage.conf", &storage, owner, &mut seen);
+    let text = file.as_ref().map(|f| f.text.as_str());
+    let configured = text.and_then(|t| toml_value(t, "storage", "driver").ok().flatten());
+    let root = graphroot(cx, text);
+    match decide_driver(&cfg.storage_driver, configured.as_deref(), &drivers_in_use(&root), &root) {
+        DriverDecision::Conflict(why) => {
+            seen.writes.truncate(before);
+            seen.problems.push(why);
+        }
+        DriverDecision::Keep | DriverDecision::Set => {
+            seen.facts.push(format!("storage driver {}", cfg.storage_driver));
+        }
+    }
+
+    // containers.conf, and user drop-ins that would override it.
+    let containers = containers_settings(cfg);
+    plan_toml(dir, "containers.conf", &containers, owner, &mut seen);
+    seen.problems.extend(drop_in_overrides(dir, &containers, owner));
+    seen.facts.push("cgroup_manager systemd, events to the journal".into());
+    if !cfg.network_cmd.is_empty() {
+        seen.facts.push(format!("network {}", cfg.network_cmd));
+    }
+
+    // Credential helpers.
+    if !cfg.cred_helpers.is_empty() {
+        let mut wanted = BTreeMap::new();
+        for (registry, helper) in &cfg.cred_helpers {
+            if !valid_registry(registry) || !valid_helper_name(helper) {
+                seen.problems
+                    .push(format!("credential helper {helper:?} for {registry:?} is not a valid name"));
+                continue;
+            }
+            if let Err(e) = find_helper_binary(cx, helper) {
+                seen.problems.push(format!("{e}: pulls from {registry} fail"));
+            }
+            wanted.insert(registry.clone(), helper.clone());
+        }
+        match dir.map(|d| d.read("auth.json", owner)).transpose() {
+            Err(e) => seen.problems.push(e.to_string()),
+            Ok(file) => {
+                let file = file.flatten();
+                match merge_cred_helpers(file.as_ref().map(|f| f.text.as_str()), &wanted) {
+                    Err(e) => seen.problems.push(format!("auth.json: {e}; not rewritten")),
+                    Ok(None) => {}
+                    // auth.json may hold secrets (`auths`): a new one is 0600 as Podman makes it.
+                    Ok(Some((contents, changes))) => seen.writes.push(PlannedWrite {
+                        name: "auth.json",
+                        contents,
+                        prior: file,
+                        new_mode: 0o600,
+                        changes,
+                    }),
+                }
+            }
+        }
+        let names: Vec<&str> = cfg.cred_helpers.values().map(String::as_str).collect();
+        seen.facts.push(format!("credential helpers {}", names.join(", ")));
+    }
+
+    see_docker_link(cx, &mut seen);
+    seen
+}
+
+fn see_docker_link(cx: &Context, seen: &mut Seen) {
+    let target = format!("/run/user/{}/podman/podman.sock", cx.user.uid);
+    let tmpfiles = cx.root.join(TMPFILES);
+    let ours = std::fs::read_to_string(&tmpfiles).ok();
+    let live = if cx.root.is_host() { Some(std::fs::read_link(DOCKER_SOCK)) } else { None };
+    if cx.settings.podman_config.docker_socket_link {
+        let write_tmpfiles = ours.as_deref() != Some(tmpfiles_contents(cx.user.uid, &cx.user.name).as_str());
+        let link_now = match &live {
+            None => false,
+            Some(Ok(t)) if t == Path::new(&target) => false,
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                // A dangling symlink reads fine; a missing path is what we create.
+                std::fs::symlink_metadata(DOCKER_SOCK).is_err()
+            }
+            Some(Ok(t)) => {
+                seen.problems
+                    .push(format!("{DOCKER_SOCK} links to {}, not {target}; left alone", t.display()));
+                false
+            }
+            Some(Err(_)) => {
+                seen.problems.push(format!("{DOCKER_SOCK} exists and is not a link to {target}; left alone"));
+                false
+            }
+        };
+        if write_tmpfiles || link_now {
+            seen.link = LinkAction::Ensure { write_tmpfiles, link_now };
+        }
+        seen.facts.push(format!("/var/run/docker.sock -> {target}"));
+    } else {
+        if ours.is_some() {
+            seen.link = LinkAction::RemoveTmpfiles;
+        }
+        match live {
+            Some(Ok(t)) => seen.facts.push(format!(
+                "/var/run/docker.sock -> {} (left alone: docker_socket_link is off)",
+                t.display()
+            )),
+            _ => seen.facts.push("no docker.sock link".into()),
+        }
+    }
+}
+
+fn plan_lines(cx: &Context, seen: &Seen) -> Vec<String> {
+    let dir = config_dir_path(cx);
+    let mut plan: Vec<String> = seen
+        .writes
+        .iter()
+        .map(|w| {
+            let verb = if w.prior.is_some() { "set" } else { "create with" };
+            let changes: Vec<String> = w.changes.iter().map(|c| c.to_string()).collect();
+            format!("{verb} {} in {}", changes.join(", "), dir.join(w.name).display())
+        })
+        .collect();
+    match &seen.link {
+        LinkAction::None => {}
+        LinkAction::Ensure { write_tmpfiles, link_now } => {
+            if *write_tmpfiles {
+                plan.push(format!("write {TMPFILES}"));
+            }
+            if *link_now {
+                plan.push(format!(
+                    "link /var/run/docker.sock to /run/user/{}/podman/podman.sock",
+                    cx.user.uid
+                ));
+            }
+        }
+        LinkAction::RemoveTmpfiles => plan.push(format!("remove {TMPFILES} (docker_socket_link is off)")),
+    }
+    plan
+}
 
 pub async fn inspect(cx: &Context) -> Inspection {
-    let _ = cx;
-    Inspection::default()
+    if !cx.settings.podman_config.manage {
+        return Inspection {
+            observations: vec![Observation::pass(CHECK, "not managed ([podman_config] manage = false)")],
+            plan: Vec::new(),
+        };
+    }
+    let seen = see(cx);
+    let plan = plan_lines(cx, &seen);
+    let observation = if !seen.problems.is_empty() {
+        Observation::fail(CHECK, seen.problems.join("; "))
+    } else if !plan.is_empty() {
+        Observation::fail(
+            CHECK,
+            format!("{}'s Podman configuration differs: {}", cx.user.name, plan.join("; ")),
+        )
+    } else {
+        Observation::pass(CHECK, seen.facts.join(", "))
+    };
+    Inspection { observations: vec![observation], plan }
 }
 
 pub async fn converge(cx: &Context) -> Result<Vec<String>> {
-    let _ = cx;
-    Ok(Vec::new())
+    if !cx.settings.podman_config.manage {
+        return Ok(Vec::new());
+    }
+    let seen = see(cx);
+    let owner = owner(cx);
+    let mut changes = Vec::new();
+    if !seen.writes.is_empty() {
+        let home = Dir::open_home(&home_of(cx), owner)?
+            .ok_or_else(|| anyhow!("{}'s home {} does not exist", cx.user.name, home_of(cx).display()))?;
+        // As Podman makes them: private to the user.
+        let (config, made) = home.child_or_create(".config", 0o700, owner)?;
+        if made {
+            changes.push(format!("created {}", config.path.display()));
+        }
+        let (dir, made) = config.child_or_create("containers", 0o700, owner)?;
+        if made {
+            changes.push(format!("created {}", dir.path.display()));
+        }
+        for w in &seen.writes {
+            dir.replace(w.name, w.contents.as_bytes(), w.prior.as_ref(), w.new_mode, owner)?;
+            let what: Vec<String> = w.changes.iter().map(|c| c.to_string()).collect();
+            changes.push(format!("set {} in {}", what.join(", "), dir.path.join(w.name).display()));
+        }
+    }
+    match seen.link {
+        LinkAction::None => {}
+        LinkAction::RemoveTmpfiles => {
+            std::fs::remove_file(cx.root.join(TMPFILES)).with_context(|| format!("removing {TMPFILES}"))?;
+            changes.push(format!("removed {TMPFILES} (the live link, if any, is left alone)"));
+        }
+        LinkAction::Ensure { write_tmpfiles, link_now } => {
+            if write_tmpfiles {
+                let path = cx.root.join(TMPFILES);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                fsutil::replace_file_atomically(
+                    &path,
+                    tmpfiles_contents(cx.user.uid, &cx.user.name).as_bytes(),
+                    0o644,
+                )
+                .with_context(|| format!("writing {TMPFILES}"))?;
+                changes.push(format!("wrote {TMPFILES}"));
+            }
+            if link_now && cx.root.is_host() {
+                link_docker_socket(cx).await?;
+                changes.push(format!(
+                    "linked /var/run/docker.sock to /run/user/{}/podman/podman.sock",
+                    cx.user.uid
+                ));
+            }
+        }
+    }
+    if !seen.problems.is_empty() {
+        if !changes.is_empty() {
+            tracing::info!(step = CHECK, "changed: {}", changes.join("; "));
+        }
+        bail!("{}", seen.problems.join("; "));
+    }
+    Ok(changes)
+}
+
+/// `/run` is read-only in the agent's sandbox: systemd-tmpfiles makes the link, as a
+/// transient unit of the system manager (as it does at boot).
+async fn link_docker_socket(cx: &Context) -> Result<()> {
+    let tmpfiles = ["/usr/bin/systemd-tmpfiles", "/bin/systemd-tmpfiles"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .context("systemd-tmpfiles is not installed")?;
+    let conn = cx.system_bus.get().await?;
+    let argv = [tmpfiles.to_string(), "--create".into(), TMPFILES.into()];
+    crate::user_manager::run_transient(
+        &conn,
+        "executor-agent-docker-sock.service",
+        &argv,
+        cx.settings.linger.user_manager_timeout,
+    )
+    .await
+    .with_context(|| format!("linking {DOCKER_SOCK}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(table: &'static str, key: &'static str, value: &str) -> Setting {
+        Setting { table, key, value: value.into() }
+    }
+
+    #[test]
+    fn adds_our_keys_to_an_empty_file() {
+        let (text, changes) = edit_toml("", &[s("storage", "driver", "overlay")]).unwrap().unwrap();
+        assert_eq!(text, "[storage]\ndriver = \"overlay\"\n");
+        assert_eq!(changes, [Change { what: "[storage] driver".into(), from: None, to: "overlay".into() }]);
+        assert_eq!(toml_value(&text, "storage", "driver").unwrap().as_deref(), Some("overlay"));
+    }
+
+    #[test]
+    fn keeps_comments_and_other_keys() {
+        let before = "# my storage\n[storage]\ndriver = \"vfs\" # slow but safe\nrunroot = \"/run/x\"\n\n\
+                      [storage.options]\nmount_program = \"/usr/bin/fuse-overlayfs\"\n";
+        let (after, changes) = edit_toml(before, &[s("storage", "driver", "overlay")]).unwrap().unwrap();
+        assert_eq!(
+            after,
+            "# my storage\n[storage]\ndriver = \"overlay\" # slow but safe\nrunroot = \"/run/x\"\n\n\
+             [storage.options]\nmount_program = \"/usr/bin/fuse-overlayfs\"\n"
+        );
+        assert_eq!(changes[0].to_string(), "[storage] driver = \"overlay\" (was \"vfs\")");
+        // Nothing to do the second time.
+        assert_eq!(edit_toml(&after, &[s("storage", "driver", "overlay")]).unwrap(), None);
+    }
+
+    #[test]
+    fn adds_to_existing_tables_dotted_keys_and_implicit_tables() {
+        let before = "[engine]\nenv = [\"A=1\"]\n\n[network]\nnetwork_backend = \"netavark\"\n";
+        let settings = [
+            s("engine", "cgroup_manager", "systemd"),
+            s("engine", "events_logger", "journald"),
+            s("network", "default_rootless_network_cmd", "pasta"),
+        ];
+        let (after, changes) = edit_toml(before, &settings).unwrap().unwrap();
+        assert_eq!(changes.len(), 3);
+        for setting in &settings {
+            assert_eq!(
+                toml_value(&after, setting.table, setting.key).unwrap().as_deref(),
+                Some(&*setting.value)
+            );
+        }
+        assert!(
+            after.contains("env = [\"A=1\"]") && after.contains("network_backend = \"netavark\""),
+            "{after}"
+        );
+
+        let dotted = "engine.cgroup_manager = \"cgroupfs\"\n";
+        let (after, _) = edit_toml(dotted, &settings[..1]).unwrap().unwrap();
+        assert_eq!(toml_value(&after, "engine", "cgroup_manager").unwrap().as_deref(), Some("systemd"));
+
+        let implicit = "[engine.service_destinations.x]\nuri = \"unix:///x\"\n";
+        let (after, _) = edit_toml(implicit, &settings[..1]).unwrap().unwrap();
+        assert_eq!(toml_value(&after, "engine", "cgroup_manager").unwrap().as_deref(), Some("systemd"));
+        assert!(after.contains("uri = \"unix:///x\""), "{after}");
+        // The result is valid TOML to a strict reader too.
+        let parsed: toml::Table = after.parse().unwrap();
+        assert_eq!(parsed["engine"]["cgroup_manager"].as_str(), Some("systemd"));
+    }
+
+    #[test]
+    fn refuses_files_it_cannot_edit_safely() {
+        assert!(edit_toml("storage = 3\n", &[s("storage", "driver", "overlay")])
+            .unwrap_err()
+            .contains("not a table"));
+        assert!(edit_toml("[storage]\ndriver = 1\n", &[s("storage", "driver", "overlay")]).is_ok());
+        assert!(edit_toml("[storage]\ndriver = {a = 1}\n", &[s("storage", "driver", "overlay")]).is_ok());
+        let broken = "[storage]\ndriver = \"overlay\"\nsecret = hunter2\n";
+        let err = edit_toml(broken, &[s("storage", "driver", "overlay")]).unwrap_err();
+        assert!(err.starts_with("line 3, column"), "{err}");
+        assert!(!err.contains("hunter2"), "the file's text must not leak into the detail: {err}");
+    }
+
+    #[test]
+    fn merges_credential_helpers_and_keeps_secrets() {
+        let mut wanted = BTreeMap::new();
+        wanted.insert("123.dkr.ecr.eu-west-1.amazonaws.com".to_string(), "ecr-login".to_string());
+        let before = r#"{"auths":{"quay.io":{"auth":"c2VjcmV0"}},"credHelpers":{"gcr.io":"gcloud"}}"#;
+        let (after, changes) = merge_cred_helpers(Some(before), &wanted).unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&after).unwrap();
+        assert_eq!(v["auths"]["quay.io"]["auth"], "c2VjcmV0");
+        assert_eq!(v["credHelpers"]["gcr.io"], "gcloud");
+        assert_eq!(v["credHelpers"]["123.dkr.ecr.eu-west-1.amazonaws.com"], "ecr-login");
+        assert_eq!(changes.len(), 1);
+        assert!(after.contains("\n\t\"auths\""), "tab-indented like Podman: {after}");
+        assert_eq!(merge_cred_helpers(Some(&after), &wanted).unwrap(), None);
+        // A different helper for a configured registry is replaced.
+        let other = r#"{"credHelpers":{"123.dkr.ecr.eu-west-1.amazonaws.com":"pass"}}"#;
+        let (_, changes) = merge_cred_helpers(Some(other), &wanted).unwrap().unwrap();
+        assert_eq!(changes[0].from.as_deref(), Some("\"pass\""));
+        // New file.
+        let (fresh, _) = merge_cred_helpers(None, &wanted).unwrap().unwrap();
+        assert_eq!(
+            fresh,
+            "{\n\t\"credHelpers\": {\n\t\t\"123.dkr.ecr.eu-west-1.amazonaws.com\": \"ecr-login\"\n\t}\n}\n"
+        );
+        assert!(merge_cred_helpers(Some("[1]"), &wanted).unwrap_err().contains("not a JSON object"));
+        assert!(merge_cred_helpers(Some("{\"a\": secret}"), &wanted).unwrap_err().starts_with("line 1"));
+        assert!(merge_cred_helpers(Some(r#"{"credHelpers":[]}"#), &wanted).is_err());
+    }
+
+    #[test]
+    fn helper_and_registry_names() {
+        assert!(valid_helper_name("ecr-login") && valid_helper_name("gcloud") && valid_helper_name("pass"));
+        for bad in ["", "../../bin/sh", "a b", ".hidden", "x/y"] {
+            assert!(!valid_helper_name(bad), "{bad}");
+        }
+        assert!(valid_registry("123.dkr.ecr.eu-west-1.amazonaws.com") && valid_registry("registry:5000/ns"));
+        assert!(!valid_registry("") && !valid_registry("a b") && !valid_registry("a\nb"));
+    }
+
+    #[test]
+    fn driver_decisions() {
+        let root = Path::new("/home/core/.local/share/containers/storage");
+        let d = |configured: Option<&str>, in_use: &[&str]| {
+            let in_use: Vec<String> = in_use.iter().map(|s| s.to_string()).collect();
+            decide_driver("overlay", configured, &in_use, root)
+        };
+        assert_eq!(d(None, &[]), DriverDecision::Set);
+        assert_eq!(d(Some("vfs"), &[]), DriverDecision::Set);
+        assert_eq!(d(None, &["overlay"]), DriverDecision::Set);
+        assert_eq!(d(Some("overlay"), &["overlay"]), DriverDecision::Keep);
+        assert_eq!(d(Some("overlay"), &[]), DriverDecision::Keep);
+        // The fault: storage made with vfs (Podman's fallback) must not be switched.
+        let DriverDecision::Conflict(why) = d(None, &["vfs"]) else { panic!() };
+        assert!(why.contains("created with the vfs driver") && why.contains("podman system reset"), "{why}");
+        assert!(why.contains("storage_driver = \"vfs\""), "{why}");
+        assert!(matches!(d(Some("vfs"), &["vfs"]), DriverDecision::Conflict(_)));
+        assert!(matches!(d(None, &["overlay", "vfs"]), DriverDecision::Conflict(_)));
+        // Configured by hand over vfs storage: already broken, say so.
+        assert!(matches!(d(Some("overlay"), &["vfs"]), DriverDecision::Conflict(_)));
+    }
+
+    #[test]
+    fn tmpfiles_line_links_the_docker_path() {
+        let text = tmpfiles_contents(1000, "core");
+        assert!(text.ends_with("\nL /run/docker.sock - - - - /run/user/1000/podman/podman.sock\n"), "{text}");
+    }
+
+    #[test]
+    fn toml_error_positions() {
+        let text = "a = 1\nb = = 2\n";
+        let e = text.parse::<toml_edit::DocumentMut>().unwrap_err();
+        assert!(toml_error(text, &e).starts_with("line 2, column "), "{}", toml_error(text, &e));
+    }
 }
