@@ -11,7 +11,8 @@ use executor_agent::config::merge;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let texts: Vec<String> = data.split(|&b| b == 0xFF).take(3).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+    let texts: Vec<String> =
+        data.split(|&b| b == 0xFF).take(3).map(|t| String::from_utf8_lossy(t).into_owned()).collect();
     let paths: Vec<PathBuf> =
         (0..texts.len()).map(|i| PathBuf::from(format!("/etc/executor-agent/config.d/{i}.toml"))).collect();
     let fragments = || paths.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str));
