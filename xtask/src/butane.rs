@@ -128,7 +128,8 @@ impl Config {
             ("files", Json::Array(files).non_empty()),
             ("links", Json::Array(self.links.iter().map(link_json).collect()).non_empty()),
         ]);
-        let systemd = Json::object([("units", Json::Array(self.units.iter().map(unit_json).collect()).non_empty())]);
+        let systemd =
+            Json::object([("units", Json::Array(self.units.iter().map(unit_json).collect()).non_empty())]);
         Ok(Json::object([
             ("ignition", Some(Json::object([("version", Some(Json::String(IGNITION_VERSION.into())))]))),
             ("storage", storage.non_empty()),
@@ -162,7 +163,10 @@ impl Config {
             if let Some(c) = &f.contents {
                 let given = [&c.inline, &c.local, &c.source].iter().filter(|v| v.is_some()).count();
                 if given != 1 {
-                    bail!("storage.files {}: contents need exactly one of inline, local, source", f.node.path);
+                    bail!(
+                        "storage.files {}: contents need exactly one of inline, local, source",
+                        f.node.path
+                    );
                 }
                 if let Some(hash) = &c.hash {
                     check_hash(hash).with_context(|| format!("storage.files {}", f.node.path))?;
@@ -184,7 +188,8 @@ impl Config {
 
 /// Accepts `sha512-<128 hex>` and `sha256-<64 hex>`, as Ignition does.
 fn check_hash(hash: &str) -> Result<()> {
-    let (kind, hex) = hash.split_once('-').ok_or_else(|| anyhow!("hash {hash:?} is not of the form sha512-<hex>"))?;
+    let (kind, hex) =
+        hash.split_once('-').ok_or_else(|| anyhow!("hash {hash:?} is not of the form sha512-<hex>"))?;
     let len = match kind {
         "sha512" => 128,
         "sha256" => 64,
@@ -240,7 +245,12 @@ fn unit_json(u: &Unit) -> Json {
     let dropins = u
         .dropins
         .iter()
-        .map(|d| Json::object([("contents", d.contents.clone().map(Json::String)), ("name", Some(Json::String(d.name.clone())))]))
+        .map(|d| {
+            Json::object([
+                ("contents", d.contents.clone().map(Json::String)),
+                ("name", Some(Json::String(d.name.clone()))),
+            ])
+        })
         .collect();
     Json::object([
         ("contents", u.contents.clone().map(Json::String)),
@@ -277,7 +287,8 @@ fn resource_json(r: &Resource, files_dir: Option<&Path>) -> Result<Json> {
 
 /// Reads `local` from the files directory, refusing paths that leave it (as Butane does).
 fn read_local(local: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
-    let dir = files_dir.ok_or_else(|| anyhow!("`local: {local}` needs a files directory (butane --files-dir)"))?;
+    let dir =
+        files_dir.ok_or_else(|| anyhow!("`local: {local}` needs a files directory (butane --files-dir)"))?;
     let rel = Path::new(local);
     if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
         bail!("`local: {local}` is outside the files directory");
@@ -290,12 +301,16 @@ fn read_local(local: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
 /// `Some("")` or `Some("gzip")` when the config set none, `None` to keep the config's own.
 pub fn make_data_url(contents: &[u8], current_compression: Option<&str>) -> (String, Option<&'static str>) {
     // Nodes embed the same multi-megabyte binary once per scenario: compress it once per run.
-    static CACHE: Mutex<Vec<(Vec<u8>, bool, String, Option<&'static str>)>> = Mutex::new(Vec::new());
+    /// (contents, compression unset, data URL, compression written)
+    type Entry = (Vec<u8>, bool, String, Option<&'static str>);
+    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     const CACHE_FROM: usize = 1 << 20;
     let unset = current_compression.is_none_or(str::is_empty);
     if contents.len() >= CACHE_FROM {
         let cache = CACHE.lock().unwrap();
-        if let Some((_, _, url, c)) = cache.iter().find(|(data, u, _, _)| *u == unset && data.as_slice() == contents) {
+        if let Some((_, _, url, c)) =
+            cache.iter().find(|(data, u, _, _)| *u == unset && data.as_slice() == contents)
+        {
             return (url.clone(), *c);
         }
     }
@@ -316,7 +331,9 @@ pub fn make_data_url(contents: &[u8], current_compression: Option<&str>) -> (Str
     }
     let opaque = match gzipped {
         Some(gz) => format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(gz)),
-        None if b64_len < escaped_len => format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(contents)),
+        None if b64_len < escaped_len => {
+            format!(";base64,{}", base64::engine::general_purpose::STANDARD.encode(contents))
+        }
         None => format!(",{}", path_escape(contents)),
     };
     debug_assert_eq!(opaque.len(), best_len);
@@ -376,7 +393,9 @@ impl<'a> Fields<'a> {
         match self.take(key) {
             None => Ok(None),
             Some(Node::Scalar(s, _, _)) => Ok(Some(s.clone())),
-            Some(other) => bail!("line {}: {}.{key} must be a string, found {}", other.line(), self.what, other.kind()),
+            Some(other) => {
+                bail!("line {}: {}.{key} must be a string, found {}", other.line(), self.what, other.kind())
+            }
         }
     }
 
@@ -435,12 +454,12 @@ impl<'a> Fields<'a> {
     fn list<T>(&mut self, key: &str, item: impl Fn(&'a Node, &str) -> Result<T>) -> Result<Vec<T>> {
         match self.take(key) {
             None => Ok(Vec::new()),
-            Some(Node::Seq(items, _)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, n)| item(n, &format!("{}.{key}.{i}", self.what)))
-                .collect(),
-            Some(other) => bail!("line {}: {}.{key} must be a list, found {}", other.line(), self.what, other.kind()),
+            Some(Node::Seq(items, _)) => {
+                items.iter().enumerate().map(|(i, n)| item(n, &format!("{}.{key}.{i}", self.what))).collect()
+            }
+            Some(other) => {
+                bail!("line {}: {}.{key} must be a list, found {}", other.line(), self.what, other.kind())
+            }
         }
     }
 
@@ -638,7 +657,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["storage"]["files"][0]["mode"], 493);
         let file = &out[out.find("\"files\"").unwrap()..out.find("\"systemd\"").unwrap()];
-        let keys: Vec<_> = file.lines().filter(|l| l.starts_with("        \"")).map(|l| l.trim().split('"').nth(1).unwrap()).collect();
+        let keys: Vec<_> = file
+            .lines()
+            .filter(|l| l.starts_with("        \""))
+            .map(|l| l.trim().split('"').nth(1).unwrap())
+            .collect();
         assert_eq!(keys, ["overwrite", "path", "contents", "mode"]);
         assert!(out.contains("\"contents\": \"[Install]\\nWantedBy=multi-user.target\\n\",\n        \"enabled\": true,\n        \"name\": \"x.service\""));
     }
@@ -647,7 +670,9 @@ mod tests {
     fn rejects_unknown_keys_decimal_modes_and_two_sources() {
         let base = "variant: fcos\nversion: 1.4.0\n";
         assert!(Config::parse(&format!("{base}passwd: {{}}\n")).unwrap_err().to_string().contains("passwd"));
-        assert!(Config::parse(&format!("{base}storage:\n  files:\n    - path: /a\n      mode: 644\n")).is_err());
+        assert!(
+            Config::parse(&format!("{base}storage:\n  files:\n    - path: /a\n      mode: 644\n")).is_err()
+        );
         let two = format!("{base}storage:\n  files:\n    - path: /a\n      contents:\n        inline: a\n        source: data:,a\n");
         assert!(Config::parse(&two).unwrap().to_ignition(None).is_err());
         assert!(Config::parse("variant: fcos\nversion: 1.5.0\n").is_err());

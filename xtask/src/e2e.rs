@@ -71,7 +71,10 @@ pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
         eprintln!("\n==> e2e: {name}");
         let t = Instant::now();
         suite.logs.clear();
-        match scenario(&mut suite) {
+        // A panic is a failed scenario too (its nodes are dropped, so cleaned up, while unwinding).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut suite)))
+            .unwrap_or_else(|_| Err(anyhow!("the scenario panicked")));
+        match outcome {
             Ok(()) => {
                 passed += 1;
                 println!("PASS  {name} ({:.1} s)", t.elapsed().as_secs_f64());
@@ -85,6 +88,9 @@ pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
             }
         }
     }
+    let t = Instant::now();
+    node::finish_deletions();
+    eprintln!("(deleting the node copies took another {:.1} s)", t.elapsed().as_secs_f64());
     print_figures(&suite.figures);
     println!("\ne2e wall time: {:.1} s", started.elapsed().as_secs_f64());
     println!("{passed} passed, {failed} failed");
@@ -95,10 +101,10 @@ pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
 }
 
 fn print_figures(figures: &[Figure]) {
-    println!("\n{:<58} {:<42} {:>10}", "scenario", "figure", "time");
-    println!("{}", "-".repeat(112));
+    println!("\n{:<28} {:<48} {:>10}", "scenario", "figure", "time");
+    println!("{}", "-".repeat(88));
     for f in figures {
-        println!("{:<58} {:<42} {:>8.0} ms", f.scenario, f.what, f.took.as_secs_f64() * 1000.0);
+        println!("{:<28} {:<48} {:>7.0} ms", f.scenario, f.what, f.took.as_secs_f64() * 1000.0);
     }
 }
 
@@ -125,7 +131,11 @@ impl Suite {
         let booted = node.boot_started.unwrap().elapsed();
         let (ready_at, _) = node.wait_readyz(true, READY_TIMEOUT, POLL)?;
         self.record(scenario, "boot (nspawn start to systemd answering)", booted);
-        self.record(scenario, "time to ready (nspawn start to /readyz 200)", ready_at - node.boot_started.unwrap());
+        self.record(
+            scenario,
+            "time to ready (nspawn start to /readyz 200)",
+            ready_at - node.boot_started.unwrap(),
+        );
         Ok(())
     }
 
@@ -147,7 +157,10 @@ fn ready_without_commands(s: &mut Suite) -> Result<()> {
     ensure!(ready, "/readyz is not 200: {json}");
     let checks = json["checks"].as_array().ok_or_else(|| anyhow!("/readyz has no checks: {json}"))?;
     for want in ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"] {
-        let check = checks.iter().find(|c| c["name"] == want).ok_or_else(|| anyhow!("/readyz lacks check {want}: {json}"))?;
+        let check = checks
+            .iter()
+            .find(|c| c["name"] == want)
+            .ok_or_else(|| anyhow!("/readyz lacks check {want}: {json}"))?;
         ensure!(check["ok"] == true, "check {want} is not ok: {check}");
     }
     // Both ID files hold a range for core.
@@ -161,9 +174,17 @@ fn ready_without_commands(s: &mut Suite) -> Result<()> {
     ensure!(linger.trim() == "yes", "logind says Linger={}", linger.trim());
     // podman.socket enabled and active in core's manager.
     let enabled = node.exec(&["systemctl", "--user", "-M", "core@", "is-enabled", "podman.socket"])?;
-    ensure!(String::from_utf8_lossy(&enabled.stdout).trim() == "enabled", "podman.socket is-enabled: {}", show(&enabled));
+    ensure!(
+        String::from_utf8_lossy(&enabled.stdout).trim() == "enabled",
+        "podman.socket is-enabled: {}",
+        show(&enabled)
+    );
     let active = node.exec(&["systemctl", "--user", "-M", "core@", "is-active", "podman.socket"])?;
-    ensure!(String::from_utf8_lossy(&active.stdout).trim() == "active", "podman.socket is-active: {}", show(&active));
+    ensure!(
+        String::from_utf8_lossy(&active.stdout).trim() == "active",
+        "podman.socket is-active: {}",
+        show(&active)
+    );
     // The API answers through the socket.
     ensure_ping(&mut node)?;
     // The sysctl, live in the node's network namespace and persisted in sysctl.d.
@@ -174,8 +195,8 @@ fn ready_without_commands(s: &mut Suite) -> Result<()> {
     // What Ignition installed is what the repository has.
     let installed = std::fs::read(node.path(ignition::AGENT_PATH))?;
     ensure!(installed == std::fs::read(&s.agent)?, "the installed agent differs from the built one");
-    let config = std::fs::read(node.path("/etc/executor-agent/config.toml"))?;
-    ensure!(config == std::fs::read(ignition::files_dir().join("config.toml"))?, "config.toml differs");
+    let config = std::fs::read(node.path(ignition::CONFIG_PATH))?;
+    ensure!(config == std::fs::read(ignition::config_toml_path())?, "config.toml differs");
     let enabled = node.run(&["systemctl", "is-enabled", "executor-agent"])?;
     ensure!(enabled.trim() == "enabled", "executor-agent is {}", enabled.trim());
     Ok(())
@@ -187,16 +208,20 @@ fn rootless_container(s: &mut Suite) -> Result<()> {
     node::import_test_image(&mut node)?;
     let docker = format!("DOCKER_HOST=unix://{PODMAN_SOCK} docker");
     let t = Instant::now();
-    let out = node.run_as_core(&format!("{docker} run --rm localhost/busybox echo hello from a rootless container"))?;
+    let out = node
+        .run_as_core(&format!("{docker} run --rm localhost/busybox echo hello from a rootless container"))?;
     s.record(NAME, "docker run --rm (through the Podman socket)", t.elapsed());
     ensure!(out.trim() == "hello from a rootless container", "docker run printed {out:?}");
     let uid_map = node.run_as_core(&format!("{docker} run --rm localhost/busybox cat /proc/self/uid_map"))?;
     ensure!(uid_map.lines().count() >= 2, "the container has no subordinate range mapped: {uid_map:?}");
     let t = Instant::now();
-    node.run_as_core(&format!("{docker} run -d --name web -p 80:8000 localhost/busybox httpd -f -p 8000 -h /srv"))?;
+    node.run_as_core(&format!("{docker} run -d --name web -p 80:8000 localhost/busybox {}", node::HTTPD))?;
     let (_, body) = node::wait_http(&mut node, 80, "/index.html", Duration::from_secs(15))?;
     s.record(NAME, "docker run -p 80:8000 until port 80 answers", t.elapsed());
     ensure!(body == tree::IMAGE_INDEX, "port 80 answered {body:?}");
+    let t = Instant::now();
+    node.run_as_core(&format!("{docker} stop web >/dev/null && {docker} rm web >/dev/null"))?;
+    s.record(NAME, "docker stop + rm (SIGTERM honoured)", t.elapsed());
     Ok(())
 }
 
@@ -236,7 +261,10 @@ fn wait_ready_fails(s: &mut Suite) -> Result<()> {
     ensure!(!out.status.success(), "wait-ready exited 0 on a node that cannot be ready: {}", show(&out));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     ensure!(text.contains("podman"), "wait-ready gave no reason naming podman: {text}");
-    ensure!(took >= Duration::from_secs(9) && took < Duration::from_secs(30), "wait-ready took {took:?} for --timeout 10s");
+    ensure!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(30),
+        "wait-ready took {took:?} for --timeout 10s"
+    );
     eprintln!("    wait-ready said: {}", text.trim().replace('\n', "\n    "));
     s.record(NAME, "wait-ready --timeout 10s exit non-zero", took);
     let (ready, json) = node.readyz()?;
@@ -274,11 +302,19 @@ fn reboot_rewrites_nothing(s: &mut Suite) -> Result<()> {
 }
 
 fn drift_socket_stopped(s: &mut Suite) -> Result<()> {
-    drift(s, "drift: socket stopped", &["systemctl", "--user", "-M", "core@", "stop", "podman.socket"], |node| {
-        let active = node.exec(&["systemctl", "--user", "-M", "core@", "is-active", "podman.socket"])?;
-        ensure!(String::from_utf8_lossy(&active.stdout).trim() == "active", "podman.socket is not active again");
-        ensure_ping(node)
-    })
+    drift(
+        s,
+        "drift: socket stopped",
+        &["systemctl", "--user", "-M", "core@", "stop", "podman.socket"],
+        |node| {
+            let active = node.exec(&["systemctl", "--user", "-M", "core@", "is-active", "podman.socket"])?;
+            ensure!(
+                String::from_utf8_lossy(&active.stdout).trim() == "active",
+                "podman.socket is not active again"
+            );
+            ensure_ping(node)
+        },
+    )
 }
 
 fn drift_socket_file_deleted(s: &mut Suite) -> Result<()> {
@@ -322,7 +358,8 @@ fn malformed_subuid(s: &mut Suite) -> Result<()> {
     let detail = loop {
         if let Ok((ready, json)) = node.readyz() {
             ensure!(!ready, "/readyz is 200 with a malformed /etc/subuid: {json}");
-            let check = json["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "subuid")).cloned();
+            let check =
+                json["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "subuid")).cloned();
             if let Some(check) = check {
                 let detail = check["detail"].as_str().unwrap_or_default().to_string();
                 if check["ok"] == false && detail != "not checked yet" {
@@ -330,12 +367,16 @@ fn malformed_subuid(s: &mut Suite) -> Result<()> {
                 }
             }
         }
-        ensure!(Instant::now() < deadline, "the agent did not report on /etc/subuid within {READY_TIMEOUT:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not report on /etc/subuid within {READY_TIMEOUT:?}"
+        );
         std::thread::sleep(POLL);
     };
     s.record(NAME, "nspawn start to /readyz 503 naming subuid", node.boot_started.unwrap().elapsed());
     eprintln!("    /readyz subuid detail: {detail}");
-    let names_line = ["/etc/subuid:2", "/etc/subuid line 2", "/etc/subuid, line 2"].iter().any(|p| detail.contains(p));
+    let names_line =
+        ["/etc/subuid:2", "/etc/subuid line 2", "/etc/subuid, line 2"].iter().any(|p| detail.contains(p));
     ensure!(names_line, "the detail does not name /etc/subuid and line 2: {detail}");
     // Give the agent time to (wrongly) touch the file, then check that it did not.
     std::thread::sleep(Duration::from_secs(3));
@@ -354,7 +395,12 @@ fn malformed_subuid(s: &mut Suite) -> Result<()> {
 
 /// A fresh ready node; `drift` applied at t0 as a node service; `/readyz` must go 503 and then
 /// 200 by itself; `verify` checks the repair. Records detect and repair times.
-fn drift(s: &mut Suite, name: &'static str, command: &[&str], verify: fn(&mut Node) -> Result<()>) -> Result<()> {
+fn drift(
+    s: &mut Suite,
+    name: &'static str,
+    command: &[&str],
+    verify: fn(&mut Node) -> Result<()>,
+) -> Result<()> {
     let mut node = s.ready_node(name)?;
     let prober = Prober::start(&mut node, PROBE_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -364,7 +410,9 @@ fn drift(s: &mut Suite, name: &'static str, command: &[&str], verify: fn(&mut No
     let applied = t0.elapsed();
     let result = (|| {
         let down = prober.wait(t0, false, Duration::from_secs(30)).context("/readyz never went 503")?;
-        let up = prober.wait(down, true, Duration::from_secs(60)).context("/readyz did not come back to 200 by itself")?;
+        let up = prober
+            .wait(down, true, Duration::from_secs(60))
+            .context("/readyz did not come back to 200 by itself")?;
         Ok::<_, anyhow::Error>((down, up))
     })();
     let history = prober.stop();
@@ -379,10 +427,13 @@ fn drift(s: &mut Suite, name: &'static str, command: &[&str], verify: fn(&mut No
     verify(&mut node)
 }
 
+/// A change of `/readyz`: when, 200 (`Some(true)`), 503 (`Some(false)`) or no answer, and why.
+type Change = (Instant, Option<bool>, String);
+
 /// Polls `/readyz` from a thread and keeps every change of state with its time.
 struct Prober {
     stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<(Instant, Option<bool>, String)>>>,
+    changes: Arc<Mutex<Vec<Change>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -419,7 +470,13 @@ impl Prober {
     fn wait(&self, after: Instant, want: bool, timeout: Duration) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self.changes.lock().unwrap().iter().find(|(at, state, _)| *at >= after && *state == Some(want)).map(|c| c.0);
+            let found = self
+                .changes
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(at, state, _)| *at >= after && *state == Some(want))
+                .map(|c| c.0);
             if let Some(at) = found {
                 return Ok(at);
             }
@@ -459,7 +516,9 @@ fn failing_checks(body: &str) -> String {
             checks
                 .iter()
                 .filter(|c| c["ok"] == false)
-                .map(|c| format!("{}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or("")))
+                .map(|c| {
+                    format!("{}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or(""))
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         })
@@ -495,14 +554,27 @@ fn journal_times(node: &mut Node, t0_us: u64) -> Result<Option<(Duration, Durati
 
 /// When the agent unit became active, measured from the nspawn start (systemd's monotonic stamps).
 fn unit_active_after_boot(node: &mut Node) -> Result<Option<Duration>> {
-    let out = node.run(&["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value", "executor-agent"])?;
+    let out =
+        node.run(&["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value", "executor-agent"])?;
     let us: u64 = out.trim().parse().unwrap_or(0);
     Ok((us > node.boot_started_us).then(|| Duration::from_micros(us - node.boot_started_us)))
 }
 
 /// `GET /_ping` on the Podman socket as core must answer OK.
 fn ensure_ping(node: &mut Node) -> Result<()> {
-    let out = node.run(&["runuser", "-u", "core", "--", "curl", "-sS", "--max-time", "10", "--unix-socket", PODMAN_SOCK, "http://d/_ping"])?;
+    let out = node.run(&[
+        "runuser",
+        "-u",
+        "core",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--unix-socket",
+        PODMAN_SOCK,
+        "http://d/_ping",
+    ])?;
     ensure!(out.trim() == "OK", "GET /_ping answered {out:?}");
     Ok(())
 }
@@ -513,8 +585,10 @@ fn subid_range(path: &Path, owner: &str) -> Result<(u64, u64)> {
     for line in text.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.len() == 3 && fields[0] == owner {
-            let start = fields[1].parse().with_context(|| format!("{}: bad start in {line:?}", path.display()))?;
-            let count = fields[2].parse().with_context(|| format!("{}: bad count in {line:?}", path.display()))?;
+            let start =
+                fields[1].parse().with_context(|| format!("{}: bad start in {line:?}", path.display()))?;
+            let count =
+                fields[2].parse().with_context(|| format!("{}: bad count in {line:?}", path.display()))?;
             return Ok((start, count));
         }
     }
@@ -524,7 +598,8 @@ fn subid_range(path: &Path, owner: &str) -> Result<(u64, u64)> {
 /// The sysctl.d file in /etc that sets the key, and the value it sets.
 fn persisted_sysctl(node: &Node) -> Result<(PathBuf, String)> {
     let dir = node.path("/etc/sysctl.d");
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten()
+    {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         for line in text.lines() {
             if let Some((k, v)) = line.split_once('=') {
@@ -547,13 +622,22 @@ struct Stamp {
 
 fn stamp(path: &Path) -> Result<Stamp> {
     let m = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
-    Ok(Stamp { ino: m.ino(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, size: m.size() })
+    Ok(Stamp {
+        ino: m.ino(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        size: m.size(),
+    })
 }
 
 /// The files the agent manages, stamped.
 fn stamps(node: &Node) -> Result<Vec<(PathBuf, Stamp)>> {
     let (sysctl_file, _) = persisted_sysctl(node)?;
-    let files = [node.path("/etc/subuid"), node.path("/etc/subgid"), sysctl_file, node.path("/var/lib/systemd/linger/core")];
+    let files = [
+        node.path("/etc/subuid"),
+        node.path("/etc/subgid"),
+        sysctl_file,
+        node.path("/var/lib/systemd/linger/core"),
+    ];
     files.into_iter().map(|f| stamp(&f).map(|s| (f, s))).collect()
 }
 

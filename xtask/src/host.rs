@@ -8,10 +8,7 @@ use std::process::{Command, Output, Stdio};
 
 /// The repository root (the parent of `xtask/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ has a parent directory")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent directory").to_path_buf()
 }
 
 /// Cargo's target directory for this workspace: `$CARGO_TARGET_DIR` or `<repo>/target`.
@@ -75,9 +72,7 @@ pub fn run(mut cmd: impl BorrowMut<Command>) -> Result<()> {
 /// Runs a command with stdin closed and captures stdout and stderr, whatever the exit status.
 pub fn capture(mut cmd: impl BorrowMut<Command>) -> Result<Output> {
     let cmd = cmd.borrow_mut();
-    cmd.stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{}`", show(cmd)))
+    cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{}`", show(cmd)))
 }
 
 /// True when a Debian package is installed.
@@ -121,8 +116,7 @@ pub const IGNITION_VALIDATE: &str = "/usr/bin/ignition-validate";
 /// Builds the agent (release) and returns the binary's path.
 pub fn build_agent() -> Result<PathBuf> {
     eprintln!("==> building executor-agent (release)");
-    run(cargo().args(["build", "--release", "-p", "executor-agent"]))
-        .context("building the agent failed")?;
+    run(cargo().args(["build", "--release", "-p", "executor-agent"])).context("building the agent failed")?;
     let bin = target_dir().join("release/executor-agent");
     if !bin.is_file() {
         bail!("cargo built the agent but {} does not exist", bin.display());

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub const AGENT_PATH: &str = "/usr/local/bin/executor-agent";
 /// The unit's name.
 pub const UNIT_NAME: &str = "executor-agent.service";
+/// Where the configuration goes on the node.
+pub const CONFIG_PATH: &str = "/etc/executor-agent/config.toml";
 
 /// The Butane source.
 pub fn butane_path() -> PathBuf {
@@ -23,13 +25,13 @@ pub fn ign_path() -> PathBuf {
     host::repo_root().join("ignition/executor-agent.ign")
 }
 
-/// Butane's `--files-dir` for the production variant (holds `config.toml`).
-pub fn files_dir() -> PathBuf {
-    host::repo_root().join("ignition")
-}
-
 fn release_path() -> PathBuf {
     host::repo_root().join("ignition/release.toml")
+}
+
+/// The documented defaults, copied inline into the `.bu`.
+pub fn config_toml_path() -> PathBuf {
+    host::repo_root().join("ignition/config.toml")
 }
 
 fn unit_path() -> PathBuf {
@@ -52,7 +54,8 @@ pub struct Release {
 impl Release {
     pub fn load() -> Result<Release> {
         let text = host::read_string(release_path())?;
-        toml::from_str(&text).with_context(|| format!("{} is not a valid release file", release_path().display()))
+        toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid release file", release_path().display()))
     }
 
     fn render(&self) -> String {
@@ -105,6 +108,19 @@ fn check_in_step(config: &Config) -> Result<()> {
             unit_path().display()
         );
     }
+    let config_file = host::read_string(config_toml_path())?;
+    let entry = config
+        .files
+        .iter()
+        .find(|f| f.node.path == CONFIG_PATH)
+        .with_context(|| format!("{} does not install {CONFIG_PATH}", butane_path().display()))?;
+    if entry.contents.as_ref().and_then(|c| c.inline.as_deref()) != Some(config_file.as_str()) {
+        bail!(
+            "the inline {CONFIG_PATH} in {} differs from {}: run `cargo xtask ignition` to copy it in",
+            butane_path().display(),
+            config_toml_path().display()
+        );
+    }
     let release = Release::load()?;
     let file = config
         .files
@@ -113,7 +129,9 @@ fn check_in_step(config: &Config) -> Result<()> {
         .with_context(|| format!("{} does not install {AGENT_PATH}", butane_path().display()))?;
     let contents = file.contents.as_ref().context("the agent binary entry has no contents")?;
     let want_hash = format!("sha512-{}", release.sha512);
-    if contents.source.as_deref() != Some(release.url.as_str()) || contents.hash.as_deref() != Some(want_hash.as_str()) {
+    if contents.source.as_deref() != Some(release.url.as_str())
+        || contents.hash.as_deref() != Some(want_hash.as_str())
+    {
         bail!(
             "{AGENT_PATH} in {} does not use the url and sha512 of {}: run `cargo xtask dist`",
             butane_path().display(),
@@ -126,10 +144,10 @@ fn check_in_step(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The production variant as Butane would print it (`butane --pretty --strict --files-dir ignition`).
+/// The production variant as Butane would print it (`butane --pretty --strict`).
 pub fn render_production() -> Result<String> {
     let config = load_source()?;
-    let json = config.to_ignition(Some(&files_dir()))?;
+    let json = config.to_ignition(None)?;
     Ok(json.to_pretty() + "\n")
 }
 
@@ -151,13 +169,19 @@ pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathB
         eprintln!("warning: {e:#}");
     }
     let unit_file = host::read_string(unit_path())?;
-    let unit = config.units.iter_mut().find(|u| u.name == UNIT_NAME).context("the source has no executor-agent unit")?;
+    let unit = config
+        .units
+        .iter_mut()
+        .find(|u| u.name == UNIT_NAME)
+        .context("the source has no executor-agent unit")?;
     unit.contents = Some(unit_file);
+    let config_file = host::read_string(config_toml_path())?;
+    let entry = config.file_mut(CONFIG_PATH).context("the source does not install the configuration")?;
+    entry.contents = Some(Resource { inline: Some(config_file), ..Resource::default() });
     let data = host::read(binary)?;
     let files = work.join("files");
     std::fs::create_dir_all(&files).with_context(|| format!("cannot create {}", files.display()))?;
     host::write(files.join("executor-agent"), &data)?;
-    std::fs::copy(files_dir().join("config.toml"), files.join("config.toml")).context("cannot copy ignition/config.toml")?;
     let entry = config.file_mut(AGENT_PATH).context("the source does not install the agent")?;
     entry.contents = Some(Resource {
         local: Some("executor-agent".into()),
@@ -204,7 +228,7 @@ pub fn cmd_ignition(check: bool) -> Result<()> {
         }
         eprintln!("ok: {} is what {} renders to", ign_path().display(), butane_path().display());
     } else {
-        sync_unit_into_source()?;
+        sync_into_source()?;
         host::write(ign_path(), render_production()?)?;
         eprintln!("wrote {}", ign_path().display());
     }
@@ -226,37 +250,40 @@ fn validate_if_possible(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replaces the literal block of the unit's `contents` in the `.bu` with the unit file.
-fn sync_unit_into_source() -> Result<()> {
+/// Copies the unit file and config.toml into their literal blocks in the `.bu`.
+fn sync_into_source() -> Result<()> {
     let source = host::read_string(butane_path())?;
     let unit = host::read_string(unit_path())?;
-    let updated = replace_unit_block(&source, UNIT_NAME, &unit)?;
+    let config = host::read_string(config_toml_path())?;
+    let updated = replace_block(&source, &format!("- name: {UNIT_NAME}"), "contents", &unit)?;
+    let updated = replace_block(&updated, &format!("- path: {CONFIG_PATH}"), "inline", &config)?;
     if updated != source {
         host::write(butane_path(), &updated)?;
-        eprintln!("copied {} into {}", unit_path().display(), butane_path().display());
+        eprintln!("copied the unit file and config.toml into {}", butane_path().display());
     }
     Ok(())
 }
 
-/// Text surgery on the `.bu`: the `contents: |` block following `- name: <unit>`.
-fn replace_unit_block(source: &str, unit: &str, contents: &str) -> Result<String> {
+/// Text surgery on the `.bu`: the `<key>: |` literal block inside the list item whose first
+/// line is `anchor` (e.g. `- name: executor-agent.service` and `contents`).
+fn replace_block(source: &str, anchor: &str, key: &str, contents: &str) -> Result<String> {
     let lines: Vec<&str> = source.split_inclusive('\n').collect();
     let name_at = lines
         .iter()
-        .position(|l| l.trim() == format!("- name: {unit}"))
-        .with_context(|| format!("no `- name: {unit}` line in the Butane source"))?;
+        .position(|l| l.trim() == anchor)
+        .with_context(|| format!("no `{anchor}` line in the Butane source"))?;
     let item_indent = indent(lines[name_at]);
     let mut contents_at = None;
     for (i, line) in lines.iter().enumerate().skip(name_at + 1) {
         if !line.trim().is_empty() && indent(line) <= item_indent {
             break;
         }
-        if line.trim_start().starts_with("contents: |") {
+        if line.trim_start().starts_with(&format!("{key}: |")) {
             contents_at = Some(i);
             break;
         }
     }
-    let contents_at = contents_at.with_context(|| format!("unit {unit} has no `contents: |` block"))?;
+    let contents_at = contents_at.with_context(|| format!("`{anchor}` has no `{key}: |` block"))?;
     let key_indent = indent(lines[contents_at]);
     let mut end = contents_at + 1;
     while end < lines.len() && (lines[end].trim().is_empty() || indent(lines[end]) > key_indent) {
@@ -266,8 +293,11 @@ fn replace_unit_block(source: &str, unit: &str, contents: &str) -> Result<String
     while end > contents_at + 1 && lines[end - 1].trim().is_empty() {
         end -= 1;
     }
+    if contents.starts_with([' ', '\t']) {
+        bail!("the text for `{anchor}` starts with whitespace, which a plain literal block cannot hold");
+    }
     let chomp = if contents.ends_with("\n\n") {
-        bail!("the unit file ends with blank lines; remove them");
+        bail!("the text for `{anchor}` ends with blank lines; remove them");
     } else if contents.ends_with('\n') {
         "|"
     } else {
@@ -275,7 +305,7 @@ fn replace_unit_block(source: &str, unit: &str, contents: &str) -> Result<String
     };
     let pad = " ".repeat(key_indent + 2);
     let mut out: String = lines[..contents_at].concat();
-    out.push_str(&format!("{}contents: {chomp}\n", " ".repeat(key_indent)));
+    out.push_str(&format!("{}{key}: {chomp}\n", " ".repeat(key_indent)));
     for line in contents.lines() {
         if line.is_empty() {
             out.push('\n');
@@ -384,7 +414,8 @@ mod tests {
     #[test]
     fn committed_ignition_matches_a_fresh_render() {
         let fresh = render_production().expect("the Butane source renders");
-        let committed = std::fs::read_to_string(ign_path()).expect("ignition/executor-agent.ign is committed");
+        let committed =
+            std::fs::read_to_string(ign_path()).expect("ignition/executor-agent.ign is committed");
         assert!(fresh == committed, "ignition/executor-agent.ign is stale: run `cargo xtask ignition`");
     }
 
@@ -398,7 +429,7 @@ mod tests {
         assert_eq!(bin["mode"], 0o755);
         assert!(bin["contents"]["source"].as_str().unwrap().starts_with("https://"));
         assert!(bin["contents"]["verification"]["hash"].as_str().unwrap().starts_with("sha512-"));
-        assert!(files.iter().any(|f| f["path"] == "/etc/executor-agent/config.toml"));
+        assert!(files.iter().any(|f| f["path"] == CONFIG_PATH));
         for f in files {
             let p = f["path"].as_str().unwrap();
             assert!(!p.starts_with("/usr/") || p.starts_with("/usr/local/"), "{p} is under read-only /usr");
@@ -414,15 +445,21 @@ mod tests {
     /// from ours and between Go releases) makes the same choice.
     #[test]
     fn embedded_payloads_decode_and_the_gzip_choice_is_clear() {
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ign_path()).unwrap()).unwrap();
-        let file = json["storage"]["files"].as_array().unwrap().iter().find(|f| f["path"] == "/etc/executor-agent/config.toml").unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ign_path()).unwrap()).unwrap();
+        let file =
+            json["storage"]["files"].as_array().unwrap().iter().find(|f| f["path"] == CONFIG_PATH).unwrap();
         let source = file["contents"]["source"].as_str().unwrap();
         let compression = file["contents"]["compression"].as_str().unwrap();
-        let want = std::fs::read(files_dir().join("config.toml")).unwrap();
+        let want = std::fs::read(config_toml_path()).unwrap();
         let got = match (source.strip_prefix("data:;base64,"), compression) {
             (Some(b64), c) => {
                 let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
-                if c == "gzip" { crate::gzip::decompress(&raw).unwrap() } else { raw }
+                if c == "gzip" {
+                    crate::gzip::decompress(&raw).unwrap()
+                } else {
+                    raw
+                }
             }
             (None, "") => {
                 let escaped = source.strip_prefix("data:,").unwrap();
@@ -430,7 +467,8 @@ mod tests {
                 let mut bytes = escaped.bytes();
                 while let Some(b) = bytes.next() {
                     if b == b'%' {
-                        let hex: String = [bytes.next().unwrap() as char, bytes.next().unwrap() as char].iter().collect();
+                        let hex: String =
+                            [bytes.next().unwrap() as char, bytes.next().unwrap() as char].iter().collect();
                         out.push(u8::from_str_radix(&hex, 16).unwrap());
                     } else {
                         out.push(b);
@@ -440,11 +478,14 @@ mod tests {
             }
             other => panic!("unexpected encoding {other:?}"),
         };
-        assert_eq!(got, want, "the embedded config.toml differs from ignition/config.toml");
+        assert!(got == want, "the config.toml embedded in the .ign differs from ignition/config.toml: run `cargo xtask ignition`");
         let plain = (1 + butane::path_escape(&want).len()).min(8 + want.len().div_ceil(3) * 4);
         let gz = 8 + crate::gzip::compress(&want).len().div_ceil(3) * 4 + 4;
         let margin = (plain as f64 - gz as f64).abs() / plain as f64;
-        assert!(margin > 0.05, "gzip ({gz}) vs plain ({plain}) is too close to call: Go's deflate might choose otherwise");
+        assert!(
+            margin > 0.05,
+            "gzip ({gz}) vs plain ({plain}) is too close to call: Go's deflate might choose otherwise"
+        );
     }
 
     #[test]
@@ -468,9 +509,9 @@ mod tests {
     #[test]
     fn unit_block_replacement_keeps_the_rest() {
         let src = "systemd:\n  units:\n    - name: a.service\n      enabled: true\n      contents: |\n        [Unit]\n\n        X=1\n\n    - name: b.service\n";
-        let out = replace_unit_block(src, "a.service", "[Unit]\nY=2\n").unwrap();
+        let out = replace_block(src, "- name: a.service", "contents", "[Unit]\nY=2\n").unwrap();
         assert_eq!(out, "systemd:\n  units:\n    - name: a.service\n      enabled: true\n      contents: |\n        [Unit]\n        Y=2\n\n    - name: b.service\n");
-        let out = replace_unit_block(src, "a.service", "[Unit]\nY=2").unwrap();
+        let out = replace_block(src, "- name: a.service", "contents", "[Unit]\nY=2").unwrap();
         assert!(out.contains("contents: |-\n        [Unit]\n        Y=2\n\n    - name"));
     }
 }

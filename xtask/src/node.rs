@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 
 /// The agent's HTTP port on the node.
 pub const AGENT_PORT: u16 = 9739;
+/// The test web server: busybox httpd under a shell that exits on SIGTERM (as PID 1 of the
+/// container, httpd itself would ignore it and hold up the node's poweroff for 90 s).
+pub const HTTPD: &str = "sh -c 'trap \"exit 0\" TERM; httpd -f -p 8000 -h /srv & wait'";
+
+/// Bound on one command run inside a node.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
 /// The rootless Podman socket of `core`.
 pub const PODMAN_SOCK: &str = "/run/user/1000/podman/podman.sock";
 
@@ -44,7 +50,8 @@ impl Node {
         let log = nodes_dir().join(format!("{name}.log"));
         for old in [&dir, &work] {
             if old.exists() {
-                std::fs::remove_dir_all(old).with_context(|| format!("cannot remove the old {}", old.display()))?;
+                std::fs::remove_dir_all(old)
+                    .with_context(|| format!("cannot remove the old {}", old.display()))?;
             }
         }
         let _ = std::fs::remove_file(&log);
@@ -186,7 +193,10 @@ impl Node {
                 let ns_pid = std::fs::read_to_string(format!("/proc/{child}/status"))
                     .unwrap_or_default()
                     .lines()
-                    .find_map(|l| l.strip_prefix("NSpid:").map(|v| v.split_whitespace().last().unwrap_or("").to_string()));
+                    .find_map(|l| {
+                        l.strip_prefix("NSpid:")
+                            .map(|v| v.split_whitespace().last().unwrap_or("").to_string())
+                    });
                 if ns_pid.as_deref() == Some("1") && comm.trim() == "systemd" {
                     return Ok(child);
                 }
@@ -198,13 +208,30 @@ impl Node {
 
     /// `systemd-run` inside the node, entered through the namespaces of its PID 1, so that the
     /// command runs as one of the node's own services (nspawn's seccomp filter and capabilities).
+    /// Gives up (and kills the client) after [`EXEC_TIMEOUT`].
     pub fn exec(&mut self, argv: &[&str]) -> Result<Output> {
         let leader = self.leader()?;
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &leader.to_string(), "-m", "-u", "-i", "-n", "-p", "--"])
             .args(["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", "--"])
-            .args(argv);
-        host::capture(&mut cmd)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().with_context(|| format!("cannot start `{}`", host::show(&cmd)))?;
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(EXEC_TIMEOUT) {
+            Ok(out) => Ok(out?),
+            Err(_) => {
+                // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                bail!("on node {}: `{}` did not finish within {EXEC_TIMEOUT:?}", self.name, argv.join(" "))
+            }
+        }
     }
 
     /// `exec` that must succeed; returns stdout.
@@ -259,8 +286,8 @@ impl Node {
     /// `/readyz` as (ready, JSON body); connection errors are `Err`.
     pub fn readyz(&mut self) -> Result<(bool, serde_json::Value)> {
         let (status, body) = self.http_get(AGENT_PORT, "/readyz")?;
-        let json: serde_json::Value =
-            serde_json::from_str(&body).with_context(|| format!("/readyz did not answer JSON ({status}): {body}"))?;
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("/readyz did not answer JSON ({status}): {body}"))?;
         match status {
             200 => Ok((true, json)),
             503 => Ok((false, json)),
@@ -269,7 +296,12 @@ impl Node {
     }
 
     /// Polls `/readyz` every `interval` until it answers `want`; returns when it first did.
-    pub fn wait_readyz(&mut self, want: bool, timeout: Duration, interval: Duration) -> Result<(Instant, serde_json::Value)> {
+    pub fn wait_readyz(
+        &mut self,
+        want: bool,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<(Instant, serde_json::Value)> {
         let deadline = Instant::now() + timeout;
         let mut last;
         loop {
@@ -315,7 +347,11 @@ impl Node {
                 bail!("node {} stopped while booting{}", self.name, self.log_tail_note());
             }
             if Instant::now() >= deadline {
-                bail!("node {}: systemd did not come up within {timeout:?}{}", self.name, self.log_tail_note());
+                bail!(
+                    "node {}: systemd did not come up within {timeout:?}{}",
+                    self.name,
+                    self.log_tail_note()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -373,18 +409,11 @@ impl Node {
         self.poweroff(Duration::from_secs(20))?;
         let powered_off = t.elapsed();
         for path in [self.dir.clone(), nodes_dir().join(format!("{}.work", self.name))] {
-            if path.exists() {
-                std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-            }
+            delete_in_background(&path)?;
         }
         let _ = std::fs::remove_file(nodes_dir().join(format!("{}.pid", self.name)));
         self.detached = true;
-        eprintln!(
-            "    node {}: powered off in {:.1} s, deleted in {:.1} s",
-            self.name,
-            powered_off.as_secs_f64(),
-            (t.elapsed() - powered_off).as_secs_f64()
-        );
+        eprintln!("    node {}: powered off in {:.1} s", self.name, powered_off.as_secs_f64());
         Ok(())
     }
 
@@ -415,6 +444,41 @@ impl Drop for Node {
     }
 }
 
+/// Deletions of node copies still running (a copy is some 20,000 files).
+static DELETIONS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+fn trash_dir() -> PathBuf {
+    nodes_dir().join(".trash")
+}
+
+/// Moves `path` aside at once (so its name can be reused) and deletes it in a thread;
+/// [`finish_deletions`] waits for every such thread.
+fn delete_in_background(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(trash_dir())
+        .with_context(|| format!("cannot create {}", trash_dir().display()))?;
+    let aside =
+        trash_dir().join(format!("{}-{}", path.file_name().unwrap().to_string_lossy(), random_hex(4)?));
+    std::fs::rename(path, &aside).with_context(|| format!("cannot move {} aside", path.display()))?;
+    let handle = std::thread::spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&aside) {
+            eprintln!("warning: cannot delete {}: {e}", aside.display());
+        }
+    });
+    DELETIONS.lock().unwrap().push(handle);
+    Ok(())
+}
+
+/// Waits until every node copy moved aside is deleted.
+pub fn finish_deletions() {
+    let handles: Vec<_> = DELETIONS.lock().unwrap().drain(..).collect();
+    for handle in handles {
+        let _ = handle.join();
+    }
+}
+
 /// Runs the real Ignition binary on the copy: fetch-offline, then files with `-root`.
 fn apply_ignition(dir: &Path, ign: &Path, work: &Path) -> Result<()> {
     // The files stage ends with an SELinux relabel: give it a config to read and a no-op setfiles.
@@ -426,7 +490,11 @@ fn apply_ignition(dir: &Path, ign: &Path, work: &Path) -> Result<()> {
     let shims = work.join("shims");
     host::write(shims.join("setfiles"), "#!/bin/sh\n# Off SELinux there is nothing to relabel.\nexit 0\n")?;
     std::fs::set_permissions(shims.join("setfiles"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let path = format!("{}:{}", shims.display(), std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    let path = format!(
+        "{}:{}",
+        shims.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
     let state = work.join("ignition-state");
     std::fs::create_dir_all(&state)?;
     let common = |cmd: &mut Command| {
@@ -467,7 +535,12 @@ fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(20).collect();
-        bail!("`{}` failed ({status}); {}:\n{}", host::show(cmd), log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        bail!(
+            "`{}` failed ({status}); {}:\n{}",
+            host::show(cmd),
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     Ok(())
 }
@@ -508,7 +581,9 @@ pub fn get_local(port: u16, path: &str) -> Result<(u16, String)> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_http(&raw)
@@ -516,9 +591,17 @@ pub fn get_local(port: u16, path: &str) -> Result<(u16, String)> {
 
 /// Removes nodes named `prefix*` that an interrupted earlier run left (found by their pid files).
 pub fn cleanup_leftovers(prefix: &str) -> Result<()> {
+    // Copies moved aside by an earlier run whose deletion threads did not finish.
+    if let Ok(entries) = std::fs::read_dir(trash_dir()) {
+        for entry in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)) {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("cannot delete {}", entry.path().display()))?;
+        }
+    }
     let Ok(entries) = std::fs::read_dir(nodes_dir()) else { return Ok(()) };
     let mut names: Vec<String> = entries
         .flatten()
+        .filter(|e| e.path().is_dir() || e.file_name().to_string_lossy().ends_with(".pid"))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(prefix))
         .map(|n| n.split('.').next().unwrap_or_default().to_string())
@@ -540,7 +623,8 @@ pub fn cleanup_leftovers(prefix: &str) -> Result<()> {
 
 /// Moves the calling thread into the network namespace of `pid`.
 pub fn enter_netns(pid: i32) -> Result<()> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).with_context(|| format!("cannot open the netns of {pid}"))?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("cannot open the netns of {pid}"))?;
     // SAFETY: setns on a valid fd affects only this thread's network namespace.
     let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
     if rc != 0 {
@@ -552,7 +636,8 @@ pub fn enter_netns(pid: i32) -> Result<()> {
 /// Status code and body of an HTTP/1.x response.
 fn parse_http(raw: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("truncated HTTP response: {text:?}"))?;
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("truncated HTTP response: {text:?}"))?;
     let status = head
         .lines()
         .next()
@@ -608,6 +693,7 @@ pub fn cmd_node() -> Result<()> {
     if let Some(mut old) = Node::running(DEV_NODE)? {
         eprintln!("==> replacing the running node {DEV_NODE}");
         old.destroy()?;
+        finish_deletions();
     }
     eprintln!("==> provisioning a fresh node with the real Ignition (local variant, agent embedded)");
     let mut node = Node::create(DEV_NODE, &pristine, &agent, &Extras::default())?;
@@ -615,7 +701,9 @@ pub fn cmd_node() -> Result<()> {
     node.boot(true)?;
     let shown = show_node(&mut node);
     if let Err(e) = shown {
-        eprintln!("the node is left running for a look: cargo xtask node --shell; remove it: cargo xtask node --rm");
+        eprintln!(
+            "the node is left running for a look: cargo xtask node --shell; remove it: cargo xtask node --rm"
+        );
         node.detach();
         return Err(e);
     }
@@ -634,7 +722,11 @@ fn show_node(node: &mut Node) -> Result<()> {
     let booted = node.boot_started.unwrap().elapsed();
     let (ready_at, _) = node.wait_readyz(true, Duration::from_secs(120), Duration::from_millis(50))?;
     let ready = ready_at - node.boot_started.unwrap();
-    println!("\nbooted (systemd answering) after {:.2} s; agent ready after {:.2} s", booted.as_secs_f64(), ready.as_secs_f64());
+    println!(
+        "\nbooted (systemd answering) after {:.2} s; agent ready after {:.2} s",
+        booted.as_secs_f64(),
+        ready.as_secs_f64()
+    );
     println!("\n$ systemctl status executor-agent");
     let status = node.exec(&["systemctl", "--no-pager", "--lines=15", "status", "executor-agent"])?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
@@ -645,11 +737,14 @@ fn show_node(node: &mut Node) -> Result<()> {
         Err(_) => println!("{body}"),
     }
     import_test_image(node)?;
-    let docker = format!("DOCKER_HOST=unix://{PODMAN_SOCK} docker");
-    println!("\n$ runuser -l core -c '{docker} run --rm localhost/busybox echo hello from a rootless container'");
-    print!("{}", node.run_as_core(&format!("{docker} run --rm localhost/busybox echo hello from a rootless container"))?);
-    println!("\n$ runuser -l core -c '{docker} run -d --name web -p 80:8000 localhost/busybox httpd -f -p 8000 -h /srv'");
-    print!("{}", node.run_as_core(&format!("{docker} run -d --name web -p 80:8000 localhost/busybox httpd -f -p 8000 -h /srv"))?);
+    println!("\n$ runuser -l core      # the runner user, as GitLab Runner's SSH connector logs in");
+    println!("$ export DOCKER_HOST=unix://{PODMAN_SOCK}");
+    let run = "docker run --rm localhost/busybox echo hello from a rootless container";
+    println!("$ {run}");
+    print!("{}", node.run_as_core(&format!("DOCKER_HOST=unix://{PODMAN_SOCK} {run}"))?);
+    let web = format!("docker run -d --name web -p 80:8000 localhost/busybox {HTTPD}");
+    println!("$ {web}");
+    print!("{}", node.run_as_core(&format!("DOCKER_HOST=unix://{PODMAN_SOCK} {web}"))?);
     println!("$ curl -s http://127.0.0.1:80/   # port 80 as core works only because of the agent's sysctl");
     let (code, body) = wait_http(node, 80, "/index.html", Duration::from_secs(10))?;
     print!("{code} {body}");
@@ -663,7 +758,9 @@ pub fn wait_http(node: &mut Node, port: u16, path: &str, timeout: Duration) -> R
         let result = node.http_get(port, path);
         match result {
             Ok((200, body)) => return Ok((200, body)),
-            other if Instant::now() >= deadline => bail!("GET :{port}{path} on node {} did not answer 200: {other:?}", node.name),
+            other if Instant::now() >= deadline => {
+                bail!("GET :{port}{path} on node {} did not answer 200: {other:?}", node.name)
+            }
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -672,11 +769,25 @@ pub fn wait_http(node: &mut Node, port: u16, path: &str, timeout: Duration) -> R
 /// `cargo xtask node --shell`: a root login shell on the running node, as a node service.
 pub fn cmd_shell() -> Result<()> {
     host::require_root("cargo xtask node --shell")?;
-    let mut node = Node::running(DEV_NODE)?.filter(|n| n.nspawn_pid.is_some()).context("no node is running: start one with `cargo xtask node`")?;
+    let mut node = Node::running(DEV_NODE)?
+        .filter(|n| n.nspawn_pid.is_some())
+        .context("no node is running: start one with `cargo xtask node`")?;
     let leader = node.leader()?;
     let status = Command::new("nsenter")
         .args(["-t", &leader.to_string(), "-m", "-u", "-i", "-n", "-p", "--"])
-        .args(["systemd-run", "--quiet", "--pty", "--wait", "--collect", "--service-type=exec", "-E", "TERM=xterm", "--", "/bin/bash", "-l"])
+        .args([
+            "systemd-run",
+            "--quiet",
+            "--pty",
+            "--wait",
+            "--collect",
+            "--service-type=exec",
+            "-E",
+            "TERM=xterm",
+            "--",
+            "/bin/bash",
+            "-l",
+        ])
         .status()
         .context("cannot start nsenter")?;
     node.detached = true;
@@ -692,6 +803,7 @@ pub fn cmd_rm() -> Result<()> {
     match Node::running(DEV_NODE)? {
         Some(mut node) => {
             node.destroy()?;
+            finish_deletions();
             println!("node {DEV_NODE} stopped and deleted");
         }
         None => println!("no node {DEV_NODE} to remove"),
@@ -703,7 +815,8 @@ pub fn cmd_rm() -> Result<()> {
 mod tests {
     #[test]
     fn parses_http_responses() {
-        let raw = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\r\n{\"ready\":false}";
+        let raw =
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\r\n{\"ready\":false}";
         assert_eq!(super::parse_http(raw).unwrap(), (503, "{\"ready\":false}".to_string()));
         assert!(super::parse_http(b"garbage").is_err());
     }

@@ -67,7 +67,8 @@ pub fn ensure() -> Result<PathBuf> {
     }
     remove_stale_trees()?;
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove the incomplete tree {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove the incomplete tree {}", dir.display()))?;
     }
     let started = Instant::now();
     build(&dir).with_context(|| format!("building the node tree in {} failed", dir.display()))?;
@@ -85,7 +86,8 @@ fn remove_stale_trees() -> Result<()> {
             eprintln!("==> removing the stale node tree {name}");
             let path = entry.path();
             if path.is_dir() {
-                std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             } else {
                 std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
             }
@@ -104,7 +106,8 @@ pub fn mirror() -> String {
 /// The first URI serving `SUITE`, from a deb822 sources file, else from a one-line sources.list.
 fn mirror_from(deb822: &str, list: &str) -> Option<String> {
     for stanza in deb822.split("\n\n") {
-        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
+        let field =
+            |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
         let suites = field("Suites:").unwrap_or_default();
         if suites.split_whitespace().any(|s| s == SUITE) {
             if let Some(uri) = field("URIs:").and_then(|u| u.split_whitespace().next().map(str::to_string)) {
@@ -124,15 +127,18 @@ fn build(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir.parent().unwrap()).context("cannot create .node-cache")?;
     let log = cache_dir().join("debootstrap.log");
     let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let status = host::cmd("debootstrap", ["--variant=minbase".to_string(), format!("--include={}", PACKAGES.join(","))])
-        .arg(SUITE)
-        .arg(dir)
-        .arg(&mirror)
-        .stdin(std::process::Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .status()
-        .context("cannot start debootstrap")?;
+    let status = host::cmd(
+        "debootstrap",
+        ["--variant=minbase".to_string(), format!("--include={}", PACKAGES.join(","))],
+    )
+    .arg(SUITE)
+    .arg(dir)
+    .arg(&mirror)
+    .stdin(std::process::Stdio::null())
+    .stdout(log_file.try_clone()?)
+    .stderr(log_file)
+    .status()
+    .context("cannot start debootstrap")?;
     if !status.success() {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
@@ -153,20 +159,29 @@ fn customise(dir: &Path) -> Result<()> {
 
     // The runner user, UID 1000 like FCOS's core. Debian's useradd adds subordinate ranges by
     // itself: clear them, so that the agent is what provides them.
-    host::run(host::cmd("chroot", [dir.to_str().unwrap(), "useradd", "-m", "-u", "1000", "-U", "-s", "/bin/bash", "core"]))?;
+    host::run(host::cmd(
+        "chroot",
+        [dir.to_str().unwrap(), "useradd", "-m", "-u", "1000", "-U", "-s", "/bin/bash", "core"],
+    ))?;
     host::write(dir.join("etc/subuid"), "")?;
     host::write(dir.join("etc/subgid"), "")?;
 
     // Native rootless overlay instead of vfs.
     let conf = dir.join("home/core/.config/containers/storage.conf");
     host::write(&conf, "[storage]\ndriver = \"overlay\"\n")?;
-    host::run(host::cmd("chroot", [dir.to_str().unwrap(), "chown", "-R", "core:core", "/home/core/.config"]))?;
+    host::run(host::cmd(
+        "chroot",
+        [dir.to_str().unwrap(), "chown", "-R", "core:core", "/home/core/.config"],
+    ))?;
 
     // No udev in the container: give /dev/net/tun FCOS's mode so slirp4netns/pasta can open it.
     host::write(dir.join("etc/tmpfiles.d/dev-net-tun.conf"), "z /dev/net/tun 0666 root root -\n")?;
 
     // The console getty would only add noise to the boot log.
-    host::run(host::cmd("systemctl", ["--root".as_ref(), dir.as_os_str(), "mask".as_ref(), "console-getty.service".as_ref()]))?;
+    host::run(host::cmd(
+        "systemctl",
+        ["--root".as_ref(), dir.as_os_str(), "mask".as_ref(), "console-getty.service".as_ref()],
+    ))?;
 
     install_docker_cli(dir)?;
     build_test_image(dir)?;
@@ -186,8 +201,11 @@ fn install_docker_cli(dir: &Path) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         host::run(host::cmd("chroot", [dir.to_str().unwrap(), "apt-get", "update", "-q"]))
             .context("apt-get update in the tree")?;
-        host::run(host::cmd("chroot", [dir.to_str().unwrap(), "sh", "-c", "cd /tmp && apt-get download docker.io"]))
-            .context("downloading Debian's docker.io for its client")?;
+        host::run(host::cmd(
+            "chroot",
+            [dir.to_str().unwrap(), "sh", "-c", "cd /tmp && apt-get download docker.io"],
+        ))
+        .context("downloading Debian's docker.io for its client")?;
         let deb = std::fs::read_dir(dir.join("tmp"))?
             .flatten()
             .map(|e| e.path())
@@ -213,14 +231,23 @@ fn build_test_image(dir: &Path) -> Result<()> {
     for sub in ["bin", "srv", "tmp"] {
         std::fs::create_dir_all(staging.join(sub))?;
     }
-    std::fs::copy(dir.join("bin/busybox"), staging.join("bin/busybox")).context("busybox-static is not in the tree")?;
-    for applet in ["sh", "echo", "cat", "ls", "id", "sleep", "httpd", "wget", "true", "false", "env", "hostname"] {
+    std::fs::copy(dir.join("bin/busybox"), staging.join("bin/busybox"))
+        .context("busybox-static is not in the tree")?;
+    for applet in
+        ["sh", "echo", "cat", "ls", "id", "sleep", "httpd", "wget", "true", "false", "env", "hostname"]
+    {
         std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet))?;
     }
     host::write(staging.join("srv/index.html"), IMAGE_INDEX)?;
     let tar = dir.join(IMAGE_TAR.trim_start_matches('/'));
     std::fs::create_dir_all(tar.parent().unwrap())?;
-    host::run(host::cmd("tar", ["--numeric-owner", "--owner=0", "--group=0", "-C"]).arg(&staging).arg("-cf").arg(&tar).arg("."))?;
+    host::run(
+        host::cmd("tar", ["--numeric-owner", "--owner=0", "--group=0", "-C"])
+            .arg(&staging)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    )?;
     std::fs::set_permissions(&tar, std::fs::Permissions::from_mode(0o644))?;
     std::fs::remove_dir_all(&staging)?;
     Ok(())

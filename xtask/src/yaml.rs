@@ -63,7 +63,8 @@ impl Builder {
                         *key = Some(text);
                     }
                     other => {
-                        self.error.get_or_insert(format!("line {}: mapping keys must be scalars", other.line()));
+                        self.error
+                            .get_or_insert(format!("line {}: mapping keys must be scalars", other.line()));
                         *key = Some(String::new());
                     }
                 },
@@ -121,9 +122,7 @@ impl MarkedEventReceiver for Builder {
 /// Parses one YAML document.
 pub fn parse(text: &str) -> Result<Node> {
     let mut builder = Builder::default();
-    Parser::new_from_str(text)
-        .load(&mut builder, true)
-        .map_err(|e| anyhow!("YAML syntax error: {e}"))?;
+    Parser::new_from_str(text).load(&mut builder, true).map_err(|e| anyhow!("YAML syntax error: {e}"))?;
     if let Some(err) = builder.error {
         bail!("{err}");
     }
