@@ -103,6 +103,10 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     .with_context(|| format!("cannot install {}", missing.join(" ")))
 }
 
+/// What the unit and integration tests need on the host: a private bus for the D-Bus
+/// doubles, shadow's useradd for the lock races, systemd-analyze for the unit's exposure.
+pub const TEST_HOST_PACKAGES: &[&str] = &["dbus-daemon", "passwd", "systemd"];
+
 /// The packages every node command needs on the host.
 pub const NODE_HOST_PACKAGES: &[&str] =
     &["debootstrap", "systemd-container", "ignition", "util-linux", "tar", "gzip", "ca-certificates"];

@@ -2,6 +2,7 @@
 
 mod butane;
 mod e2e;
+mod fuzz;
 mod gojson;
 mod gzip;
 mod host;
@@ -25,6 +26,8 @@ commands:
   node --shell         (root) open a root shell on the running node
   node --rm            (root) power the node off and delete it
   e2e                  (root) run the end-to-end scenarios, each on a fresh node
+  fuzz [--seconds N] [TARGET...]  run the cargo-fuzz targets in fuzz/ for N s each (default 10);
+                       fails on a crash and prints the input's path under fuzz/artifacts/
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
                        ignition-validate, e2e
 ";
@@ -49,6 +52,7 @@ fn real_main() -> Result<()> {
         ["node", "--rm"] => node::cmd_rm(),
         ["e2e"] => e2e::cmd_e2e(),
         ["test"] => cmd_test(),
+        ["fuzz", rest @ ..] => fuzz::cmd_fuzz(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{USAGE}");
             Ok(())
@@ -62,11 +66,15 @@ fn real_main() -> Result<()> {
 fn cmd_test() -> Result<()> {
     host::require_root("cargo xtask test")?;
     host::ensure_packages(host::NODE_HOST_PACKAGES)?;
+    host::ensure_packages(host::TEST_HOST_PACKAGES)?;
     std::thread::scope(|s| {
         let tree = s.spawn(tree::ensure);
         let checks = (|| {
-            eprintln!("==> cargo test --workspace");
-            host::run(host::cargo().args(["test", "--workspace"]))?;
+            // With fail points: the SIGKILL-at-every-step tests need them (release builds have none).
+            eprintln!("==> cargo test --workspace --features executor-agent/failpoints");
+            host::run(host::cargo().args(["test", "--workspace", "--features", "executor-agent/failpoints"]))?;
+            eprintln!("==> cargo xtask fuzz (10 s per target)");
+            fuzz::cmd_fuzz(&[])?;
             eprintln!("==> cargo xtask ignition --check (and ignition-validate)");
             ignition::cmd_ignition(true)?;
             host::build_agent()
