@@ -10,8 +10,13 @@ use std::path::{Path, PathBuf};
 
 /// Where the agent binary goes on the node.
 pub const AGENT_PATH: &str = "/usr/local/bin/executor-agent";
-/// The unit's name.
+/// The agent's unit.
 pub const UNIT_NAME: &str = "executor-agent.service";
+/// Every unit the `.bu` installs, with the repository file it must carry verbatim.
+const UNITS: [(&str, &str); 2] = [
+    (UNIT_NAME, "systemd/executor-agent.service"),
+    ("executor-agent-boot-gate.service", "systemd/executor-agent-boot-gate.service"),
+];
 /// Where the configuration goes on the node.
 pub const CONFIG_PATH: &str = "/etc/executor-agent/config.toml";
 
@@ -35,7 +40,7 @@ pub fn config_toml_path() -> PathBuf {
 }
 
 fn unit_path() -> PathBuf {
-    host::repo_root().join("systemd/executor-agent.service")
+    host::repo_root().join(UNITS[0].1)
 }
 
 /// `ignition/release.toml`: the released binary that the production variant downloads.
@@ -93,20 +98,21 @@ fn parse_source() -> Result<Config> {
     Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", butane_path().display()))
 }
 
-/// The `.bu` must carry the unit file verbatim and release.toml's URL and hash.
+/// The `.bu` must carry the unit files verbatim and release.toml's URL and hash.
 fn check_in_step(config: &Config) -> Result<()> {
-    let unit_file = host::read_string(unit_path())?;
-    let unit = config
-        .units
-        .iter()
-        .find(|u| u.name == UNIT_NAME)
-        .with_context(|| format!("{} has no unit {UNIT_NAME}", butane_path().display()))?;
-    if unit.contents.as_deref() != Some(unit_file.as_str()) {
-        bail!(
-            "the {UNIT_NAME} contents in {} differ from {}: run `cargo xtask ignition` to copy the unit in",
-            butane_path().display(),
-            unit_path().display()
-        );
+    for (name, file) in UNITS {
+        let unit_file = host::read_string(host::repo_root().join(file))?;
+        let unit = config
+            .units
+            .iter()
+            .find(|u| u.name == name)
+            .with_context(|| format!("{} has no unit {name}", butane_path().display()))?;
+        if unit.contents.as_deref() != Some(unit_file.as_str()) {
+            bail!(
+                "the {name} contents in {} differ from {file}: run `cargo xtask ignition` to copy the unit in",
+                butane_path().display(),
+            );
+        }
     }
     let config_file = host::read_string(config_toml_path())?;
     let entry = config
@@ -168,13 +174,11 @@ pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathB
     if let Err(e) = check_in_step(&config) {
         eprintln!("warning: {e:#}");
     }
-    let unit_file = host::read_string(unit_path())?;
-    let unit = config
-        .units
-        .iter_mut()
-        .find(|u| u.name == UNIT_NAME)
-        .context("the source has no executor-agent unit")?;
-    unit.contents = Some(unit_file);
+    for (name, file) in UNITS {
+        let unit_file = host::read_string(host::repo_root().join(file))?;
+        let unit = config.units.iter_mut().find(|u| u.name == name).with_context(|| format!("the source has no {name}"))?;
+        unit.contents = Some(unit_file);
+    }
     let config_file = host::read_string(config_toml_path())?;
     let entry = config.file_mut(CONFIG_PATH).context("the source does not install the configuration")?;
     entry.contents = Some(Resource { inline: Some(config_file), ..Resource::default() });
@@ -250,13 +254,15 @@ fn validate_if_possible(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies the unit file and config.toml into their literal blocks in the `.bu`.
+/// Copies the unit files and config.toml into their literal blocks in the `.bu`.
 fn sync_into_source() -> Result<()> {
     let source = host::read_string(butane_path())?;
-    let unit = host::read_string(unit_path())?;
     let config = host::read_string(config_toml_path())?;
-    let updated = replace_block(&source, &format!("- name: {UNIT_NAME}"), "contents", &unit)?;
-    let updated = replace_block(&updated, &format!("- path: {CONFIG_PATH}"), "inline", &config)?;
+    let mut updated = replace_block(&source, &format!("- path: {CONFIG_PATH}"), "inline", &config)?;
+    for (name, file) in UNITS {
+        let unit = host::read_string(host::repo_root().join(file))?;
+        updated = replace_block(&updated, &format!("- name: {name}"), "contents", &unit)?;
+    }
     if updated != source {
         host::write(butane_path(), &updated)?;
         eprintln!("copied the unit file and config.toml into {}", butane_path().display());
@@ -438,6 +444,10 @@ mod tests {
         assert_eq!(unit["name"], UNIT_NAME);
         assert_eq!(unit["enabled"], true);
         assert_eq!(unit["contents"], std::fs::read_to_string(unit_path()).unwrap());
+        // The boot gate is installed for operators to enable, not enabled.
+        let gate = &json["systemd"]["units"][1];
+        assert_eq!(gate["name"], "executor-agent-boot-gate.service");
+        assert_eq!(gate["enabled"], false);
     }
 
     /// Every data URL in the committed config decodes to the file it was made from, and where
