@@ -123,7 +123,10 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn context(root: Root, settings: Settings) -> Result<Context> {
-    let user = Account::lookup(&root, &settings.runner.user)?;
+    let user = Account::lookup(&root, &settings.runner.user).map_err(|e| config::ConfigError::NotOnThisNode {
+        key: "runner.user".into(),
+        message: journal::detail(&e),
+    })?;
     Ok(Context::new(root, settings, user))
 }
 

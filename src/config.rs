@@ -286,6 +286,9 @@ pub enum ConfigError {
     Invalid { file: PathBuf, line: usize, key: String, message: String },
     #[error("{file}: {key}: {message}")]
     Conflict { file: PathBuf, key: String, message: String },
+    /// A value that parses but does not fit this node (a user that does not exist).
+    #[error("{key}: {message}")]
+    NotOnThisNode { key: String, message: String },
 }
 
 /// The files that make up the configuration, in the order they are applied.
@@ -332,8 +335,8 @@ pub fn load(root: &Root, main: Option<&Path>) -> Result<Settings, ConfigError> {
 pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Settings, ConfigError> {
     let mut merged = toml::Table::new();
     // "section.key" -> the file that set it last, to name it in cross-key errors.
-    let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for (file, text) in fragments {
+    let mut origin: BTreeMap<String, (usize, PathBuf)> = BTreeMap::new();
+    for (index, (file, text)) in fragments.into_iter().enumerate() {
         // Validating each file alone is what lets an error name the file and line.
         parse_fragment(file, text)?;
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Invalid {
@@ -342,7 +345,7 @@ pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Re
             key: "(syntax)".into(),
             message: e.message().to_string(),
         })?;
-        deep_merge(&mut merged, table, "", file, &mut origin);
+        deep_merge(&mut merged, table, "", (index, file), &mut origin);
     }
     let settings: Settings =
         Settings::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Conflict {
@@ -354,12 +357,13 @@ pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Re
     Ok(settings)
 }
 
+/// `origin` records, for each key, the index and path of the last file that set it.
 fn deep_merge(
     into: &mut toml::Table,
     from: toml::Table,
     prefix: &str,
-    file: &Path,
-    origin: &mut BTreeMap<String, PathBuf>,
+    file: (usize, &Path),
+    origin: &mut BTreeMap<String, (usize, PathBuf)>,
 ) {
     for (key, value) in from {
         let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
@@ -370,10 +374,10 @@ fn deep_merge(
             (_, value) => {
                 if let toml::Value::Table(t) = &value {
                     for k in t.keys() {
-                        origin.insert(format!("{path}.{k}"), file.to_path_buf());
+                        origin.insert(format!("{path}.{k}"), (file.0, file.1.to_path_buf()));
                     }
                 }
-                origin.insert(path, file.to_path_buf());
+                origin.insert(path, (file.0, file.1.to_path_buf()));
                 into.insert(key, value);
             }
         }
@@ -382,9 +386,10 @@ fn deep_merge(
 
 /// Rules between keys, checked on the merged result; the error names the last file that
 /// set one of the keys involved.
-fn validate_across_keys(s: &Settings, origin: &BTreeMap<String, PathBuf>) -> Result<(), ConfigError> {
+fn validate_across_keys(s: &Settings, origin: &BTreeMap<String, (usize, PathBuf)>) -> Result<(), ConfigError> {
     let conflict = |keys: &[&str], key: &str, message: String| {
-        let file = keys.iter().filter_map(|k| origin.get(*k)).next_back().cloned();
+        // The file applied last among those that set one of the keys.
+        let file = keys.iter().filter_map(|k| origin.get(*k)).max_by_key(|(i, _)| *i).map(|(_, f)| f.clone());
         Err(ConfigError::Conflict {
             file: file.unwrap_or_else(|| PathBuf::from(MAIN_CONFIG)),
             key: key.into(),
@@ -652,7 +657,11 @@ mod tests {
 
     #[test]
     fn rules_across_keys_name_the_file_that_broke_them() {
-        let err = merged(&[("/etc/y.toml", "[repair]\nbackoff_min = \"2m\"\n")]).unwrap_err();
+        let err = merged(&[
+            ("/etc/executor-agent/config.toml", "[repair]\nbackoff_min = \"1s\"\nbackoff_max = \"1m\"\n"),
+            ("/etc/y.toml", "[repair]\nbackoff_min = \"2m\"\n"),
+        ])
+        .unwrap_err();
         assert!(err.to_string().starts_with("/etc/y.toml: repair.backoff_min"), "{err}");
         let err = merged(&[
             ("/etc/a.toml", "[storage]\ngc_low_percent = 50\n"),

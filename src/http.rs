@@ -72,7 +72,7 @@ pub struct Limits {
     pub max_connections: usize,
     /// A client must send its request headers within this long (slowloris).
     pub header_read_timeout: Duration,
-    /// An idle keep-alive connection, or any request, is closed after this long.
+    /// A request that takes longer is answered 408.
     pub request_timeout: Duration,
     /// Largest request body accepted (the endpoints take none).
     pub max_body: u64,
@@ -121,6 +121,13 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let (stopping_tx, stopping) = watch::channel(false);
+    let app = app.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
+                (StatusCode::REQUEST_TIMEOUT, "request timed out\n")
+            }))
+            .timeout(limits.request_timeout),
+    );
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(16 * 1024);
     let mut connections = tokio::task::JoinSet::new();
@@ -144,14 +151,13 @@ pub async fn serve(
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = http.serve_connection(TokioIo::new(stream), service);
-        let (lifetime, mut stopping) = (limits.request_timeout, stopping.clone());
+        let mut stopping = stopping.clone();
         connections.spawn(async move {
             tokio::pin!(connection);
-            // A connection lives at most `request_timeout`: then, or when the server stops,
-            // it finishes the request in flight and closes.
+            // Idle keep-alive connections are closed by the header read timeout; a stopping
+            // server lets the request in flight finish.
             let finished = tokio::select! {
                 _ = connection.as_mut() => true,
-                _ = tokio::time::sleep(lifetime) => false,
                 _ = stopping.wait_for(|s| *s) => false,
             };
             if !finished {

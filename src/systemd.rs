@@ -20,6 +20,10 @@ pub struct UnitState {
     pub unit_file_state: String,
     /// The units this one activates (a socket's service).
     pub triggers: Vec<String>,
+    /// Why a socket or service last failed (`trigger-limit-hit`, `exit-code`...), "success"
+    /// otherwise; empty when systemd did not say.
+    #[serde(default)]
+    pub result: String,
 }
 
 impl UnitState {
@@ -34,7 +38,12 @@ impl UnitState {
 
     /// One line for a check's detail, in `systemctl status` words.
     pub fn summary(&self) -> String {
-        format!("{} {}, {} ({})", self.name, self.unit_file_state, self.active_state, self.sub_state)
+        let why = if self.active_state == "failed" && !self.result.is_empty() && self.result != "success" {
+            &self.result
+        } else {
+            &self.sub_state
+        };
+        format!("{} {}, {} ({why})", self.name, self.unit_file_state, self.active_state)
     }
 }
 
@@ -59,7 +68,30 @@ pub async fn unit_state(conn: &zbus::Connection, name: &str) -> Result<UnitState
         unit.triggers(),
     )
     .with_context(|| format!("reading the state of {name}"))?;
-    Ok(UnitState { name: name.to_string(), load_state, active_state, sub_state, unit_file_state, triggers })
+    let result = unit_result(conn, unit.inner().path().to_owned().into(), name).await;
+    Ok(UnitState { name: name.to_string(), load_state, active_state, sub_state, unit_file_state, triggers, result })
+}
+
+/// The `Result` property of a socket or service unit; empty when it cannot be read.
+async fn unit_result(conn: &zbus::Connection, path: OwnedObjectPath, name: &str) -> String {
+    let interface = if name.ends_with(".socket") {
+        "org.freedesktop.systemd1.Socket"
+    } else if name.ends_with(".service") {
+        "org.freedesktop.systemd1.Service"
+    } else {
+        return String::new();
+    };
+    let read = async {
+        let properties = zbus::fdo::PropertiesProxy::builder(conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        let value = properties.get(zbus::names::InterfaceName::from_static_str_unchecked(interface), "Result").await?;
+        Ok::<_, zbus::Error>(String::try_from(value).unwrap_or_default())
+    };
+    read.await.unwrap_or_default()
 }
 
 /// Runs one job-returning call (StartUnit, StopUnit, RestartUnit…) and waits for its

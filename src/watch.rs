@@ -108,10 +108,15 @@ impl FileWatcher {
 /// Wakes the loop on changes of the user manager's unit, logind's users, and restarts of
 /// logind, systemd or the bus itself.
 pub async fn watch_system_bus(bus: SystemBus, user: Account, wake: Arc<Notify>) {
-    let mut delay = Duration::from_millis(250);
+    const FIRST_RETRY: Duration = Duration::from_millis(250);
+    let mut delay = FIRST_RETRY;
     loop {
-        if let Err(e) = watch_system_bus_once(&bus, &user, &wake).await {
+        let mut connected = false;
+        if let Err(e) = watch_system_bus_once(&bus, &user, &wake, &mut connected).await {
             tracing::debug!("system bus watch ended: {}", crate::journal::detail(&e));
+        }
+        if connected {
+            delay = FIRST_RETRY;
         }
         bus.reset().await;
         wake.notify_one();
@@ -120,9 +125,12 @@ pub async fn watch_system_bus(bus: SystemBus, user: Account, wake: Arc<Notify>) 
     }
 }
 
-async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify) -> Result<()> {
+async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify, connected: &mut bool) -> Result<()> {
     let conn = bus.get().await?;
     systemd::subscribe(&systemd::manager(&conn).await?).await?;
+    // The bus is (back) up: what failed while it was away can be repaired now.
+    *connected = true;
+    wake.notify_one();
     let unit_path = systemd::unit_object_path(&user.manager_unit());
     let rules = [
         zbus::MatchRule::builder()

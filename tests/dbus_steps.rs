@@ -93,6 +93,8 @@ async fn unit_state_reads_the_five_properties_of_a_loaded_unit() {
             sub_state: "listening".into(),
             unit_file_state: "enabled".into(),
             triggers: strings(&[SERVICE]),
+            // The double has no org.freedesktop.systemd1.Socket interface: no Result.
+            result: String::new(),
         }
     );
     assert_eq!(state.summary(), "podman.socket enabled, active (listening)");

@@ -14,12 +14,13 @@ struct Seen {
     manager: UnitState,
 }
 
-async fn is_lingering(conn: &zbus::Connection, uid: u32) -> Result<bool> {
+async fn is_lingering(conn: &zbus::Connection, uid: u32, linger_file: &std::path::Path) -> Result<bool> {
     let logind = login1::ManagerProxy::new(conn).await?;
-    // logind only knows users with a session or linger: "no such user" means no linger.
+    // logind forgets a user whose manager failed even though linger is on; its linger file
+    // (which SetUserLinger writes) then still says the truth.
     let path = match logind.get_user(uid).await {
         Ok(path) => path,
-        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.login1.NoSuchUser") => return Ok(false),
+        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.login1.NoSuchUser") => return Ok(linger_file.exists()),
         Err(e) => return Err(e).context("asking logind about the user"),
     };
     let user = login1::UserProxy::builder(conn)
@@ -30,7 +31,9 @@ async fn is_lingering(conn: &zbus::Connection, uid: u32) -> Result<bool> {
     match user.linger().await {
         Ok(linger) => Ok(linger),
         // The user object went away between the two calls: logind just dropped the user.
-        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.DBus.Error.UnknownObject") => Ok(false),
+        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.DBus.Error.UnknownObject") => {
+            Ok(linger_file.exists())
+        }
         Err(e) => Err(e).context("reading the user's Linger property"),
     }
 }
@@ -38,7 +41,8 @@ async fn is_lingering(conn: &zbus::Connection, uid: u32) -> Result<bool> {
 async fn see(cx: &Context) -> Result<Seen> {
     let conn = cx.system_bus.get().await?;
     let result = async {
-        let lingering = is_lingering(&conn, cx.user.uid).await?;
+        let linger_file = cx.root.join(format!("/var/lib/systemd/linger/{}", cx.user.name));
+        let lingering = is_lingering(&conn, cx.user.uid, &linger_file).await?;
         let manager = systemd::unit_state(&conn, &cx.user.manager_unit()).await?;
         Ok(Seen { lingering, manager })
     }

@@ -105,8 +105,9 @@ fn validate_against(wanted: u16, local_port_range: &str) -> Result<()> {
         .with_context(|| format!("cannot parse ip_local_port_range {local_port_range:?}"))?;
     if u32::from(wanted) > low {
         bail!(
-            "{KEY}={wanted} is above the low end of net.ipv4.ip_local_port_range ({local_port_range}); \
-             the kernel would reject it"
+            "[sysctl] unprivileged_port_start = {wanted} is above the low end of \
+             net.ipv4.ip_local_port_range ({}); the kernel would reject it",
+            local_port_range.split_whitespace().collect::<Vec<_>>().join(" ")
         );
     }
     Ok(())
@@ -241,7 +242,8 @@ mod tests {
         assert!(validate_against(80, "32768\t60999").is_ok());
         assert!(validate_against(32768, "32768\t60999").is_ok());
         let err = validate_against(40000, "32768\t60999").unwrap_err().to_string();
-        assert!(err.contains("40000 is above the low end"), "{err}");
+        assert!(err.contains("unprivileged_port_start = 40000 is above the low end"), "{err}");
+        assert!(err.contains("(32768 60999)"), "{err}");
         assert!(validate_against(80, "garbage").is_err());
     }
 

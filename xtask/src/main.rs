@@ -2,6 +2,7 @@
 
 mod butane;
 mod e2e;
+mod faults;
 mod fuzz;
 mod gojson;
 mod gzip;
@@ -28,6 +29,8 @@ commands:
   e2e                  (root) run the end-to-end scenarios, each on a fresh node
   fuzz [--seconds N] [TARGET...]  run the cargo-fuzz targets in fuzz/ for N s each (default 10);
                        fails on a crash and prints the input's path under fuzz/artifacts/
+  faults [CASE...]     (root) issue 4's faults, hardened unit and load cases, each on a fresh node
+                       (--list names them)
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
                        ignition-validate, e2e
 ";
@@ -53,6 +56,7 @@ fn real_main() -> Result<()> {
         ["e2e"] => e2e::cmd_e2e(),
         ["test"] => cmd_test(),
         ["fuzz", rest @ ..] => fuzz::cmd_fuzz(rest),
+        ["faults", cases @ ..] => faults::cmd_faults(cases),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{USAGE}");
             Ok(())
@@ -79,9 +83,12 @@ fn cmd_test() -> Result<()> {
             ignition::cmd_ignition(true)?;
             host::build_agent()
         })();
-        let pristine = tree.join().map_err(|_| anyhow::anyhow!("building the node tree panicked"))?;
+        let pristine = tree.join().map_err(|_| anyhow::anyhow!("building the node tree panicked"))??;
         let agent = checks?;
         eprintln!("==> cargo xtask e2e");
-        e2e::run(agent, pristine?)
+        let e2e = e2e::run(agent.clone(), pristine.clone());
+        eprintln!("==> cargo xtask faults");
+        let faults = faults::run(agent, pristine, &[]);
+        e2e.and(faults)
     })
 }
