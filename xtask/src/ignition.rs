@@ -39,6 +39,7 @@ pub fn config_toml_path() -> PathBuf {
     host::repo_root().join("ignition/config.toml")
 }
 
+#[cfg(test)]
 fn unit_path() -> PathBuf {
     host::repo_root().join(UNITS[0].1)
 }
