@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "e2e_fleet.rs"]
+mod fleet;
+
 /// Bound on boot + first convergence of a fresh node.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the drift prober asks `/readyz`.
@@ -67,7 +70,7 @@ pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
     let mut suite = Suite { agent, pristine, figures: Vec::new(), counter: 0, logs: Vec::new() };
     let (mut passed, mut failed) = (0, 0);
     let started = Instant::now();
-    for (name, scenario) in SCENARIOS {
+    for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()) {
         eprintln!("\n==> e2e: {name}");
         let t = Instant::now();
         suite.logs.clear();
