@@ -98,7 +98,17 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         if seen.manager.active_state == "failed" {
             manager.reset_failed_unit(seen.manager.name.clone()).await?;
         }
-        systemd::start(&manager, &seen.manager.name, cx.settings.linger.user_manager_timeout).await?;
+        // Right after linger was turned off the manager may still be stopping, and a start
+        // queued behind that stop fails: try again shortly rather than after a full backoff.
+        let timeout = cx.settings.linger.user_manager_timeout;
+        let mut attempt = 1;
+        while let Err(e) = systemd::start(&manager, &seen.manager.name, timeout).await {
+            if attempt == 3 {
+                return Err(e);
+            }
+            attempt += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         if !seen.manager.is_active() {
             changes.push(format!("started {}", seen.manager.name));
         }
