@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's tasks around a real node (Ignition config, local node, end-to-end tests).
 
+mod bench;
 mod butane;
 mod e2e;
 mod faults;
@@ -31,6 +32,8 @@ commands:
                        fails on a crash and prints the input's path under fuzz/artifacts/
   faults [CASE...]     (root) issue 4's faults, hardened unit and load cases, each on a fresh node
                        (--list names them)
+  bench [OPTIONS]      (root) time to ready, probe cost, drift and footprint, each against a
+                       baseline in the same run; writes docs/performance.md
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
                        ignition-validate, e2e
 ";
@@ -57,6 +60,7 @@ fn real_main() -> Result<()> {
         ["test"] => cmd_test(),
         ["fuzz", rest @ ..] => fuzz::cmd_fuzz(rest),
         ["faults", cases @ ..] => faults::cmd_faults(cases),
+        ["bench", rest @ ..] => bench::cmd_bench(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{USAGE}");
             Ok(())
