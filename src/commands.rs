@@ -123,9 +123,8 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn context(root: Root, settings: Settings) -> Result<Context> {
-    let user = Account::lookup(&root, &settings.runner.user).map_err(|e| config::ConfigError::NotOnThisNode {
-        key: "runner.user".into(),
-        message: journal::detail(&e),
+    let user = Account::lookup(&root, &settings.runner.user).map_err(|e| {
+        config::ConfigError::NotOnThisNode { key: "runner.user".into(), message: journal::detail(&e) }
     })?;
     Ok(Context::new(root, settings, user))
 }

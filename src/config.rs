@@ -386,7 +386,10 @@ fn deep_merge(
 
 /// Rules between keys, checked on the merged result; the error names the last file that
 /// set one of the keys involved.
-fn validate_across_keys(s: &Settings, origin: &BTreeMap<String, (usize, PathBuf)>) -> Result<(), ConfigError> {
+fn validate_across_keys(
+    s: &Settings,
+    origin: &BTreeMap<String, (usize, PathBuf)>,
+) -> Result<(), ConfigError> {
     let conflict = |keys: &[&str], key: &str, message: String| {
         // The file applied last among those that set one of the keys.
         let file = keys.iter().filter_map(|k| origin.get(*k)).max_by_key(|(i, _)| *i).map(|(_, f)| f.clone());
@@ -520,7 +523,9 @@ fn network_cmd<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let cmd = String::deserialize(d)?;
     match cmd.as_str() {
         "" | "pasta" | "slirp4netns" => Ok(cmd),
-        _ => Err(D::Error::custom(format!("{cmd:?} is not a rootless network command (pasta, slirp4netns, or \"\")"))),
+        _ => Err(D::Error::custom(format!(
+            "{cmd:?} is not a rootless network command (pasta, slirp4netns, or \"\")"
+        ))),
     }
 }
 
@@ -639,7 +644,11 @@ mod tests {
             ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
             ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
             ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),
-            ("[podman_config.cred_helpers]\n\"r.example\" = \"../../bin/sh\"\n", "podman_config.cred_helpers", 1),
+            (
+                "[podman_config.cred_helpers]\n\"r.example\" = \"../../bin/sh\"\n",
+                "podman_config.cred_helpers",
+                1,
+            ),
         ];
         for (text, key, line) in cases {
             let err = merged(&[("/etc/executor-agent/config.d/10-bad.toml", text)]).unwrap_err();

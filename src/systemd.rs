@@ -69,7 +69,15 @@ pub async fn unit_state(conn: &zbus::Connection, name: &str) -> Result<UnitState
     )
     .with_context(|| format!("reading the state of {name}"))?;
     let result = unit_result(conn, unit.inner().path().to_owned().into(), name).await;
-    Ok(UnitState { name: name.to_string(), load_state, active_state, sub_state, unit_file_state, triggers, result })
+    Ok(UnitState {
+        name: name.to_string(),
+        load_state,
+        active_state,
+        sub_state,
+        unit_file_state,
+        triggers,
+        result,
+    })
 }
 
 /// The `Result` property of a socket or service unit; empty when it cannot be read.
@@ -88,7 +96,9 @@ async fn unit_result(conn: &zbus::Connection, path: OwnedObjectPath, name: &str)
             .cache_properties(CacheProperties::No)
             .build()
             .await?;
-        let value = properties.get(zbus::names::InterfaceName::from_static_str_unchecked(interface), "Result").await?;
+        let value = properties
+            .get(zbus::names::InterfaceName::from_static_str_unchecked(interface), "Result")
+            .await?;
         Ok::<_, zbus::Error>(String::try_from(value).unwrap_or_default())
     };
     read.await.unwrap_or_default()

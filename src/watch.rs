@@ -125,7 +125,12 @@ pub async fn watch_system_bus(bus: SystemBus, user: Account, wake: Arc<Notify>) 
     }
 }
 
-async fn watch_system_bus_once(bus: &SystemBus, user: &Account, wake: &Notify, connected: &mut bool) -> Result<()> {
+async fn watch_system_bus_once(
+    bus: &SystemBus,
+    user: &Account,
+    wake: &Notify,
+    connected: &mut bool,
+) -> Result<()> {
     let conn = bus.get().await?;
     systemd::subscribe(&systemd::manager(&conn).await?).await?;
     // The bus is (back) up: what failed while it was away can be repaired now.

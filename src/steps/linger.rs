@@ -20,7 +20,9 @@ async fn is_lingering(conn: &zbus::Connection, uid: u32, linger_file: &std::path
     // (which SetUserLinger writes) then still says the truth.
     let path = match logind.get_user(uid).await {
         Ok(path) => path,
-        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.login1.NoSuchUser") => return Ok(linger_file.exists()),
+        Err(e) if systemd::is_dbus_error(&e, "org.freedesktop.login1.NoSuchUser") => {
+            return Ok(linger_file.exists())
+        }
         Err(e) => return Err(e).context("asking logind about the user"),
     };
     let user = login1::UserProxy::builder(conn)

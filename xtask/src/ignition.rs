@@ -177,7 +177,11 @@ pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathB
     }
     for (name, file) in UNITS {
         let unit_file = host::read_string(host::repo_root().join(file))?;
-        let unit = config.units.iter_mut().find(|u| u.name == name).with_context(|| format!("the source has no {name}"))?;
+        let unit = config
+            .units
+            .iter_mut()
+            .find(|u| u.name == name)
+            .with_context(|| format!("the source has no {name}"))?;
         unit.contents = Some(unit_file);
     }
     let config_file = host::read_string(config_toml_path())?;

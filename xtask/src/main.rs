@@ -80,7 +80,12 @@ fn cmd_test() -> Result<()> {
         let checks = (|| {
             // With fail points: the SIGKILL-at-every-step tests need them (release builds have none).
             eprintln!("==> cargo test --workspace --features executor-agent/failpoints");
-            host::run(host::cargo().args(["test", "--workspace", "--features", "executor-agent/failpoints"]))?;
+            host::run(host::cargo().args([
+                "test",
+                "--workspace",
+                "--features",
+                "executor-agent/failpoints",
+            ]))?;
             eprintln!("==> cargo xtask fuzz (10 s per target)");
             fuzz::cmd_fuzz(&[])?;
             eprintln!("==> cargo xtask ignition --check (and ignition-validate)");
