@@ -79,12 +79,16 @@ fn cmd_test() -> Result<()> {
         let tree = s.spawn(tree::ensure);
         let checks = (|| {
             // With fail points: the SIGKILL-at-every-step tests need them (release builds have none).
-            eprintln!("==> cargo test --workspace --features executor-agent/failpoints");
+            // One test at a time: the file-fault tests mount tiny file systems and race real
+            // useradd runs, which tests running beside them can disturb.
+            eprintln!("==> cargo test --workspace --features executor-agent/failpoints -- --test-threads=1");
             host::run(host::cargo().args([
                 "test",
                 "--workspace",
                 "--features",
                 "executor-agent/failpoints",
+                "--",
+                "--test-threads=1",
             ]))?;
             eprintln!("==> cargo xtask fuzz (10 s per target)");
             fuzz::cmd_fuzz(&[])?;
