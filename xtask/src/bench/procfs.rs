@@ -140,6 +140,6 @@ mod tests {
         assert!(cpu(me).unwrap().own >= 0.0);
         assert!(status_mib(me, "VmRSS").unwrap() > 0.0);
         assert!(kib_field("VmRSS:\t  5120 kB\n", "VmRSS") == Some(5120.0));
-        assert!(cmdline(me).first().is_some());
+        assert!(!cmdline(me).is_empty());
     }
 }
