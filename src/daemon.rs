@@ -102,19 +102,9 @@ pub async fn repair_pass(
         if due.is_empty() {
             break;
         }
-        let outcomes = futures_util::future::join_all(due.iter().map(|s| async move {
-            let started = Instant::now();
-            let outcome = s.converge(cx).await;
-            tracing::debug!(
-                step = s.name(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "converged {} in {:?}",
-                s.name(),
-                started.elapsed()
-            );
-            outcome
-        }))
-        .await;
+        let outcomes =
+            futures_util::future::join_all(due.iter().map(|&s| steps::timed(s, "converged", s.converge(cx))))
+                .await;
         for (step, outcome) in due.iter().copied().zip(outcomes) {
             match outcome {
                 Ok(done) => {

@@ -2,7 +2,6 @@
 //! to a cloud instance.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use crate::paths::Root;
 
@@ -24,11 +23,6 @@ pub fn parse(text: &str) -> BTreeMap<String, String> {
         })
         .filter(|(key, _)| !key.is_empty())
         .collect()
-}
-
-/// Whether the metadata file exists at all (for `/status`).
-pub fn present(root: &Root) -> bool {
-    Path::new(&root.join(AFTERBURN_METADATA)).exists()
 }
 
 #[cfg(test)]

@@ -229,20 +229,23 @@ impl Step {
     }
 }
 
+/// Runs one step's inspection or repair, logging how long it took (debug level).
+pub async fn timed<T>(step: Step, what: &str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let outcome = work.await;
+    let elapsed = started.elapsed();
+    tracing::debug!(
+        step = step.name(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "{what} {} in {elapsed:?}",
+        step.name()
+    );
+    outcome
+}
+
 /// Inspects the given steps concurrently, returning them in order.
 pub async fn inspect_all(cx: &Context, steps: &[Step]) -> Vec<(Step, Inspection)> {
-    let inspections = futures_util::future::join_all(steps.iter().map(|&s| async move {
-        let started = std::time::Instant::now();
-        let inspection = s.inspect(cx).await;
-        tracing::debug!(
-            step = s.name(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "inspected {} in {:?}",
-            s.name(),
-            started.elapsed()
-        );
-        inspection
-    }))
-    .await;
+    let inspections =
+        futures_util::future::join_all(steps.iter().map(|&s| timed(s, "inspected", s.inspect(cx)))).await;
     steps.iter().copied().zip(inspections).collect()
 }
