@@ -121,7 +121,10 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
     host::require_root("cargo xtask bench")?;
     host::ensure_packages(&["wrk"])?;
     node::cleanup_leftovers("bench-")?;
-    let (agent, pristine) = node::prepare()?;
+    // The bench measures on bookworm (its baselines were taken there).
+    let (agent, trees) = node::prepare(&[crate::tree::Os::Bookworm])?;
+    let pristine =
+        trees.into_iter().next().map(|(_, tree)| tree).expect("prepare returns the tree asked for");
     let baseline_bin = build_baseline()?;
     let started = Instant::now();
     let machine = Machine::now(&command);

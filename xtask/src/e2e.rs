@@ -5,7 +5,8 @@
 use crate::butane::{File, Link, NodeFields, Resource};
 use crate::ignition::{self, Extras};
 use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
-use crate::tree;
+use crate::tree::{self, Os};
+use crate::Tally;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -25,15 +26,17 @@ const POLL: Duration = Duration::from_millis(50);
 /// The agent's persisted sysctl.
 const SYSCTL_KEY: &str = "net.ipv4.ip_unprivileged_port_start";
 
-/// One measured figure: scenario, what, how long.
+/// One measured figure: OS, scenario, what, how long.
 struct Figure {
+    os: Os,
     scenario: &'static str,
     what: String,
     took: Duration,
 }
 
-/// What the scenarios share: the agent binary, the pristine tree, the figures.
+/// What the scenarios of one OS share: the OS, the agent binary, its pristine tree, the figures.
 struct Suite {
+    os: Os,
     agent: PathBuf,
     pristine: PathBuf,
     figures: Vec<Figure>,
@@ -58,56 +61,83 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("malformed /etc/subuid is reported, not touched", malformed_subuid),
 ];
 
-/// `cargo xtask e2e`.
-pub fn cmd_e2e() -> Result<()> {
-    let (agent, pristine) = node::prepare()?;
-    run(agent, pristine)
+/// `cargo xtask e2e [--os OS|all]`.
+pub fn cmd_e2e(oses: &[Os]) -> Result<()> {
+    let (agent, trees) = node::prepare(oses)?;
+    run(&agent, &trees)?.close("end-to-end scenario(s)")
 }
 
-/// Runs every scenario; prints the figures and `N passed, N failed`.
-pub fn run(agent: PathBuf, pristine: PathBuf) -> Result<()> {
+/// Runs every scenario on each OS of `trees` in turn; prints PASS/FAIL naming the OS, the
+/// figures and each OS's wall time, and returns the count (the caller prints the closing line).
+pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
     node::cleanup_leftovers("e2e-")?;
-    let mut suite = Suite { agent, pristine, figures: Vec::new(), counter: 0, logs: Vec::new() };
-    let (mut passed, mut failed) = (0, 0);
-    let started = Instant::now();
-    for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()) {
-        eprintln!("\n==> e2e: {name}");
-        let t = Instant::now();
-        suite.logs.clear();
-        // A panic is a failed scenario too (its nodes are dropped, so cleaned up, while unwinding).
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut suite)))
-            .unwrap_or_else(|_| Err(anyhow!("the scenario panicked")));
-        match outcome {
-            Ok(()) => {
-                passed += 1;
-                println!("PASS  {name} ({:.1} s)", t.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL  {name} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
-                for log in &suite.logs {
-                    println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 30)));
+    let mut tally = Tally::default();
+    let mut figures = Vec::new();
+    let mut walls = Vec::new();
+    for (os, pristine) in trees {
+        let os = *os;
+        let mut suite = Suite {
+            os,
+            agent: agent.to_path_buf(),
+            pristine: pristine.clone(),
+            figures: Vec::new(),
+            counter: 0,
+            logs: Vec::new(),
+        };
+        let mut this = Tally::default();
+        let started = Instant::now();
+        for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()) {
+            eprintln!("\n==> e2e [{os}]: {name}");
+            let t = Instant::now();
+            suite.logs.clear();
+            // A panic is a failed scenario too (its nodes are dropped, so cleaned up, while unwinding).
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut suite)))
+                .unwrap_or_else(|_| Err(anyhow!("the scenario panicked")));
+            match outcome {
+                Ok(()) => {
+                    this.passed += 1;
+                    println!("PASS  [{os}] {name} ({:.1} s)", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    this.failed += 1;
+                    println!("FAIL  [{os}] {name} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
+                    for log in &suite.logs {
+                        println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 30)));
+                    }
                 }
             }
         }
+        let t = Instant::now();
+        node::finish_deletions();
+        eprintln!("(deleting the {os} node copies took another {:.1} s)", t.elapsed().as_secs_f64());
+        walls.push((os, started.elapsed(), this));
+        tally.add(this);
+        figures.append(&mut suite.figures);
     }
-    let t = Instant::now();
-    node::finish_deletions();
-    eprintln!("(deleting the node copies took another {:.1} s)", t.elapsed().as_secs_f64());
-    print_figures(&suite.figures);
-    println!("\ne2e wall time: {:.1} s", started.elapsed().as_secs_f64());
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} end-to-end scenario(s) failed");
+    print_figures(&figures);
+    println!();
+    for (os, wall, this) in walls {
+        println!(
+            "e2e wall time on {os}: {:.1} s ({} of {} scenarios passed)",
+            wall.as_secs_f64(),
+            this.passed,
+            this.passed + this.failed
+        );
     }
-    Ok(())
+    Ok(tally)
 }
 
 fn print_figures(figures: &[Figure]) {
-    println!("\n{:<28} {:<48} {:>10}", "scenario", "figure", "time");
-    println!("{}", "-".repeat(88));
+    println!("\n{:<9} {:<28} {:<48} {:>10}", "os", "scenario", "figure", "time");
+    println!("{}", "-".repeat(98));
     for f in figures {
-        println!("{:<28} {:<48} {:>7.0} ms", f.scenario, f.what, f.took.as_secs_f64() * 1000.0);
+        println!(
+            "{:<9} {:<28} {:<48} {:>7.0} ms",
+            f.os.name(),
+            f.scenario,
+            f.what,
+            f.took.as_secs_f64() * 1000.0
+        );
     }
 }
 
@@ -115,7 +145,7 @@ impl Suite {
     /// A fresh node named after the scenario, provisioned with the local variant plus `extras`.
     fn node(&mut self, extras: &Extras) -> Result<Node> {
         self.counter += 1;
-        let name = format!("e2e-{}", self.counter);
+        let name = node::test_node_name("e2e", self.os, self.counter);
         let node = Node::create(&name, &self.pristine, &self.agent, extras)?;
         self.logs.push(node.log.clone());
         Ok(node)
@@ -144,7 +174,7 @@ impl Suite {
 
     fn record(&mut self, scenario: &'static str, what: &str, took: Duration) {
         eprintln!("    {what}: {:.0} ms", took.as_secs_f64() * 1000.0);
-        self.figures.push(Figure { scenario, what: what.to_string(), took });
+        self.figures.push(Figure { os: self.os, scenario, what: what.to_string(), took });
     }
 }
 

@@ -10,6 +10,8 @@ use crate::butane::{File, NodeFields, Resource};
 use crate::host;
 use crate::ignition::Extras;
 use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
+use crate::tree::Os;
+use crate::Tally;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, Read as _};
@@ -55,12 +57,14 @@ const BAD_CONFIG: &str = "/etc/executor-agent/config.d/50-bad.toml";
 
 /// One printed figure.
 struct Figure {
+    os: Os,
     case: &'static str,
     what: String,
     value: String,
 }
 
 struct Suite {
+    os: Os,
     agent: PathBuf,
     pristine: PathBuf,
     figures: Vec<Figure>,
@@ -98,10 +102,10 @@ const CASES: &[(&str, &str, Case)] = &[
     ("load", "60 s of wrk on /readyz: no error, memory flat, drift repaired in the usual time", load),
 ];
 
-const USAGE: &str = "usage: cargo xtask faults [--list | CASE...]";
+const USAGE: &str = "usage: cargo xtask faults [--list | [--os bookworm|trixie|all] CASE...]";
 
-/// `cargo xtask faults [CASE...]`.
-pub fn cmd_faults(args: &[&str]) -> Result<()> {
+/// `cargo xtask faults [--os OS|all] [CASE...]`.
+pub fn cmd_faults(oses: &[Os], args: &[&str]) -> Result<()> {
     if args == ["--list"] {
         for (name, what, _) in CASES {
             println!("{name:<24} {what}");
@@ -114,62 +118,88 @@ pub fn cmd_faults(args: &[&str]) -> Result<()> {
             CASES.iter().map(|c| c.0).collect::<Vec<_>>().join(" ")
         );
     }
-    let (agent, pristine) = node::prepare()?;
-    run(agent, pristine, args)
+    let (agent, trees) = node::prepare(oses)?;
+    run(&agent, &trees, args)?.close("fault case(s)")
 }
 
-/// Runs the cases named in `only` (all when empty); prints figures and `N passed, N failed`.
-pub fn run(agent: PathBuf, pristine: PathBuf, only: &[&str]) -> Result<()> {
+/// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn; prints
+/// PASS/FAIL naming the OS, the figures, notes and each OS's wall time, and returns the count
+/// (the caller prints the closing line).
+pub fn run(agent: &Path, trees: &[(Os, PathBuf)], only: &[&str]) -> Result<Tally> {
     host::ensure_packages(&["wrk", "systemd"])?;
     node::cleanup_leftovers("faults-")?;
-    let mut suite =
-        Suite { agent, pristine, figures: Vec::new(), notes: Vec::new(), counter: 0, logs: Vec::new() };
-    let (mut passed, mut failed) = (0, 0);
-    let started = Instant::now();
-    for (name, what, case) in CASES {
-        if !only.is_empty() && !only.contains(name) {
-            continue;
-        }
-        eprintln!("\n==> faults: {name}: {what}");
-        let t = Instant::now();
-        suite.logs.clear();
-        match case(&mut suite) {
-            Ok(()) => {
-                passed += 1;
-                println!("PASS  {name}: {what} ({:.1} s)", t.elapsed().as_secs_f64());
+    let mut tally = Tally::default();
+    let (mut figures, mut notes, mut walls) = (Vec::new(), Vec::new(), Vec::new());
+    for (os, pristine) in trees {
+        let os = *os;
+        let mut suite = Suite {
+            os,
+            agent: agent.to_path_buf(),
+            pristine: pristine.clone(),
+            figures: Vec::new(),
+            notes: Vec::new(),
+            counter: 0,
+            logs: Vec::new(),
+        };
+        let mut this = Tally::default();
+        let started = Instant::now();
+        for (name, what, case) in CASES {
+            if !only.is_empty() && !only.contains(name) {
+                continue;
             }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL  {name}: {what} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
-                for log in &suite.logs {
-                    println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 20)));
+            eprintln!("\n==> faults [{os}]: {name}: {what}");
+            let t = Instant::now();
+            suite.logs.clear();
+            // A panic is a failed case too (its nodes are dropped, so cleaned up, while unwinding).
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut suite)))
+                .unwrap_or_else(|_| Err(anyhow!("the case panicked")));
+            match outcome {
+                Ok(()) => {
+                    this.passed += 1;
+                    println!("PASS  [{os}] {name}: {what} ({:.1} s)", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    this.failed += 1;
+                    println!("FAIL  [{os}] {name}: {what} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
+                    for log in &suite.logs {
+                        println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 20)));
+                    }
                 }
             }
         }
+        node::finish_deletions();
+        walls.push((os, started.elapsed(), this));
+        tally.add(this);
+        figures.append(&mut suite.figures);
+        notes.extend(suite.notes.drain(..).map(|n| format!("[{os}] {n}")));
     }
-    println!("\n{:<24} {:<72} value", "case", "figure");
-    println!("{}", "-".repeat(120));
-    for f in &suite.figures {
-        println!("{:<24} {:<72} {}", f.case, f.what, f.value);
+    println!("\n{:<9} {:<24} {:<72} value", "os", "case", "figure");
+    println!("{}", "-".repeat(130));
+    for f in &figures {
+        println!("{:<9} {:<24} {:<72} {}", f.os.name(), f.case, f.what, f.value);
     }
-    if !suite.notes.is_empty() {
+    if !notes.is_empty() {
         println!("\nnotes:");
-        for n in &suite.notes {
+        for n in &notes {
             println!("  - {n}");
         }
     }
-    println!("\nfaults wall time: {:.1} s", started.elapsed().as_secs_f64());
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} fault case(s) failed");
+    println!();
+    for (os, wall, this) in walls {
+        println!(
+            "faults wall time on {os}: {:.1} s ({} of {} cases passed)",
+            wall.as_secs_f64(),
+            this.passed,
+            this.passed + this.failed
+        );
     }
-    Ok(())
+    Ok(tally)
 }
 
 impl Suite {
     fn node(&mut self, extras: &Extras) -> Result<Node> {
         self.counter += 1;
-        let name = format!("faults-{}", self.counter);
+        let name = node::test_node_name("faults", self.os, self.counter);
         let node = Node::create(&name, &self.pristine, &self.agent, extras)?;
         self.logs.push(node.log.clone());
         Ok(node)
@@ -188,7 +218,7 @@ impl Suite {
     fn fig(&mut self, case: &'static str, what: impl Into<String>, value: impl Into<String>) {
         let (what, value) = (what.into(), value.into());
         eprintln!("    {what}: {value}");
-        self.figures.push(Figure { case, what, value });
+        self.figures.push(Figure { os: self.os, case, what, value });
     }
 
     fn ms(&mut self, case: &'static str, what: impl Into<String>, took: Duration) {

@@ -13,7 +13,8 @@ mod node;
 mod tree;
 mod yaml;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use tree::Os;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -23,19 +24,24 @@ commands:
                        (--check: fail when the committed .ign is stale); runs ignition-validate
   dist [--url-base U]  build the release binary into target/dist, record its URL and sha512 in
                        ignition/release.toml and the .bu, re-render the .ign
-  node                 (root) boot a local throwaway node provisioned by the Ignition config with
-                       the freshly built agent, wait until it is ready and show it
+  node [--os OS]       (root) boot a local throwaway node (OS: bookworm, the default, or trixie)
+                       provisioned by the Ignition config with the freshly built agent, wait
+                       until it is ready and show it; it replaces a running one
   node --shell         (root) open a root shell on the running node
   node --rm            (root) power the node off and delete it
-  e2e                  (root) run the end-to-end scenarios, each on a fresh node
+  e2e [--os OS|all]    (root) run the end-to-end scenarios, each on a fresh node, on each OS in
+                       turn (default all: bookworm, then trixie)
   fuzz [--seconds N] [TARGET...]  run the cargo-fuzz targets in fuzz/ for N s each (default 10);
                        fails on a crash and prints the input's path under fuzz/artifacts/
-  faults [CASE...]     (root) issue 4's faults, hardened unit and load cases, each on a fresh node
-                       (--list names them)
+  faults [--os OS|all] [CASE...]  (root) issue 4's faults, hardened unit and load cases, each on
+                       a fresh node, on each OS in turn (default all; --list names them)
   bench [OPTIONS]      (root) time to ready, probe cost, drift and footprint, each against a
                        baseline in the same run; writes docs/performance.md
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
-                       ignition-validate, e2e
+                       ignition-validate, e2e and faults on bookworm and trixie
+
+OS: bookworm (debian12, 12) or trixie (debian13, 13); e2e and faults also take `all`.
+
 ";
 
 fn main() {
@@ -53,13 +59,29 @@ fn real_main() -> Result<()> {
         ["ignition", "--check"] => ignition::cmd_ignition(true),
         ["dist"] => ignition::cmd_dist(None),
         ["dist", "--url-base", url] => ignition::cmd_dist(Some(url.to_string())),
-        ["node"] => node::cmd_node(),
         ["node", "--shell"] => node::cmd_shell(),
         ["node", "--rm"] => node::cmd_rm(),
-        ["e2e"] => e2e::cmd_e2e(),
+        ["node", rest @ ..] => {
+            let (oses, rest) = take_os(rest, &[Os::Bookworm])?;
+            match (oses.as_slice(), rest.as_slice()) {
+                ([os], []) => node::cmd_node(*os),
+                ([_, _, ..], _) => bail!("`cargo xtask node` boots one node: give one --os\n{USAGE}"),
+                _ => bail!("unknown arguments {args:?}\n{USAGE}"),
+            }
+        }
+        ["e2e", rest @ ..] => {
+            let (oses, rest) = take_os(rest, Os::ALL)?;
+            if !rest.is_empty() {
+                bail!("unknown arguments {rest:?}\n{USAGE}");
+            }
+            e2e::cmd_e2e(&oses)
+        }
         ["test"] => cmd_test(),
         ["fuzz", rest @ ..] => fuzz::cmd_fuzz(rest),
-        ["faults", cases @ ..] => faults::cmd_faults(cases),
+        ["faults", rest @ ..] => {
+            let (oses, cases) = take_os(rest, Os::ALL)?;
+            faults::cmd_faults(&oses, &cases)
+        }
         ["bench", rest @ ..] => bench::cmd_bench(rest),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{USAGE}");
@@ -69,14 +91,64 @@ fn real_main() -> Result<()> {
     }
 }
 
-/// `cargo xtask test`: what `.ci/run` runs. The node tree is built (or found in the cache)
-/// while cargo compiles; the end-to-end scenarios run last, so their summary line closes the log.
+/// Takes `--os OS` (or `--os=OS`; `all` for every OS, a comma list for several) out of `args`;
+/// `default` when there is none. Returns the OSes and the other arguments.
+fn take_os<'a>(args: &[&'a str], default: &[Os]) -> Result<(Vec<Os>, Vec<&'a str>)> {
+    let mut oses = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(&arg) = it.next() {
+        let value = if arg == "--os" {
+            Some(*it.next().context("--os needs a value: bookworm, trixie or all")?)
+        } else {
+            arg.strip_prefix("--os=")
+        };
+        match value {
+            Some(v) => {
+                if oses.is_some() {
+                    bail!("--os given twice");
+                }
+                oses = Some(Os::parse_list(v)?);
+            }
+            None => rest.push(arg),
+        }
+    }
+    Ok((oses.unwrap_or_else(|| default.to_vec()), rest))
+}
+
+/// Passed and failed scenarios or cases, summed over suites and OSes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+impl Tally {
+    pub fn add(&mut self, other: Tally) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+    }
+
+    /// Prints the closing `N passed, N failed` line (the one CI parses, so nothing else prints
+    /// it) and fails when something failed.
+    pub fn close(self, what: &str) -> Result<()> {
+        println!("{} passed, {} failed", self.passed, self.failed);
+        if self.failed > 0 {
+            bail!("{} {what} failed", self.failed);
+        }
+        Ok(())
+    }
+}
+
+/// `cargo xtask test`: what `.ci/run` runs. The node trees of both OSes are built (or found in
+/// the cache) while cargo compiles; the end-to-end scenarios and the fault cases run last on each
+/// OS, and one `N passed, N failed` line over all of them closes the log.
 fn cmd_test() -> Result<()> {
     host::require_root("cargo xtask test")?;
     host::ensure_packages(host::NODE_HOST_PACKAGES)?;
     host::ensure_packages(host::TEST_HOST_PACKAGES)?;
     std::thread::scope(|s| {
-        let tree = s.spawn(tree::ensure);
+        let trees = s.spawn(|| tree::ensure_all(Os::ALL));
         let checks = (|| {
             // With fail points: the SIGKILL-at-every-step tests need them (release builds have none).
             // One test at a time: the file-fault tests mount tiny file systems and race real
@@ -96,12 +168,42 @@ fn cmd_test() -> Result<()> {
             ignition::cmd_ignition(true)?;
             host::build_agent()
         })();
-        let pristine = tree.join().map_err(|_| anyhow::anyhow!("building the node tree panicked"))??;
+        let trees = trees.join().map_err(|_| anyhow::anyhow!("building the node trees panicked"))??;
         let agent = checks?;
-        eprintln!("==> cargo xtask e2e");
-        let e2e = e2e::run(agent.clone(), pristine.clone());
-        eprintln!("==> cargo xtask faults");
-        let faults = faults::run(agent, pristine, &[]);
-        e2e.and(faults)
+        let mut tally = Tally::default();
+        eprintln!("==> cargo xtask e2e --os all");
+        let e2e = e2e::run(&agent, &trees);
+        eprintln!("==> cargo xtask faults --os all");
+        let faults = faults::run(&agent, &trees, &[]);
+        // A suite that could not run at all counts as one failure, so the closing line never
+        // says "0 failed" for it.
+        for (suite, result) in [("e2e", e2e), ("faults", faults)] {
+            match result {
+                Ok(t) => tally.add(t),
+                Err(e) => {
+                    println!("FAIL  {suite} could not run: {e:#}");
+                    tally.failed += 1;
+                }
+            }
+        }
+        tally.close("end-to-end scenario(s) and fault case(s)")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_os_out_of_the_arguments() {
+        let (oses, rest) = take_os(&["--os", "trixie", "load"], Os::ALL).unwrap();
+        assert_eq!((oses, rest), (vec![Os::Trixie], vec!["load"]));
+        let (oses, rest) = take_os(&["watchdog", "--os=12"], Os::ALL).unwrap();
+        assert_eq!((oses, rest), (vec![Os::Bookworm], vec!["watchdog"]));
+        let (oses, rest) = take_os(&[], Os::ALL).unwrap();
+        assert_eq!((oses, rest), (Os::ALL.to_vec(), vec![]));
+        assert_eq!(take_os(&["--os", "all"], &[Os::Bookworm]).unwrap().0, Os::ALL);
+        assert!(take_os(&["--os"], Os::ALL).is_err());
+        assert!(take_os(&["--os", "sid"], Os::ALL).is_err());
+    }
 }

@@ -4,7 +4,7 @@
 
 use crate::host;
 use crate::ignition::{self, Extras};
-use crate::tree;
+use crate::tree::{self, Os};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read as _, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -40,11 +40,45 @@ pub struct Node {
     /// Host CLOCK_MONOTONIC when the last boot started, in microseconds.
     pub boot_started_us: u64,
     pub boot_started: Option<Instant>,
+    /// The node name's lock, held while this process sets the node up or runs it.
+    _lock: Option<std::fs::File>,
+}
+
+/// Takes the exclusive lock of node name `name` (`nodes/<name>.lock`, released when the file is
+/// dropped, at the latest when the process exits); `None` when another process holds it. Two
+/// `cargo xtask` processes (a dev node being replaced, a second e2e run cleaning up leftovers)
+/// must never delete or overwrite a copy the other one is still using.
+fn lock_name(name: &str) -> Result<Option<std::fs::File>> {
+    std::fs::create_dir_all(nodes_dir())
+        .with_context(|| format!("cannot create {}", nodes_dir().display()))?;
+    let path = nodes_dir().join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a valid fd has no memory-safety preconditions.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(file));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(err).with_context(|| format!("cannot lock {}", path.display()))
 }
 
 impl Node {
     /// A fresh copy of `pristine` named `name`, provisioned with the local Ignition config.
     pub fn create(name: &str, pristine: &Path, agent: &Path, extras: &Extras) -> Result<Node> {
+        let lock = lock_name(name)?.with_context(|| {
+            format!("node {name} is in use by another `cargo xtask` process (it holds {name}.lock)")
+        })?;
+        if Node::running(name)?.is_some_and(|n| n.nspawn_pid.is_some()) {
+            bail!("node {name} is running (booted by another `cargo xtask` process): remove it first");
+        }
         let dir = nodes_dir().join(name);
         let work = nodes_dir().join(format!("{name}.work"));
         let log = nodes_dir().join(format!("{name}.log"));
@@ -65,6 +99,7 @@ impl Node {
             detached: false,
             boot_started_us: 0,
             boot_started: None,
+            _lock: Some(lock),
         };
         let t = Instant::now();
         host::run(host::cmd("cp", ["-a", "--reflink=auto"]).arg(pristine).arg(&dir))
@@ -102,6 +137,7 @@ impl Node {
             detached: true,
             boot_started_us: 0,
             boot_started: None,
+            _lock: None,
         };
         Ok(Some(node))
     }
@@ -117,6 +153,7 @@ impl Node {
             detached: true,
             boot_started_us: 0,
             boot_started: None,
+            _lock: None,
         }
     }
 
@@ -594,8 +631,10 @@ pub fn cleanup_leftovers(prefix: &str) -> Result<()> {
     // Copies moved aside by an earlier run whose deletion threads did not finish.
     if let Ok(entries) = std::fs::read_dir(trash_dir()) {
         for entry in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)) {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("cannot delete {}", entry.path().display()))?;
+            // Another run's deletion thread may be removing the same copy: not an error.
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                eprintln!("warning: cannot delete {}: {e}", entry.path().display());
+            }
         }
     }
     let Ok(entries) = std::fs::read_dir(nodes_dir()) else { return Ok(()) };
@@ -609,6 +648,10 @@ pub fn cleanup_leftovers(prefix: &str) -> Result<()> {
     names.sort();
     names.dedup();
     for name in names {
+        let Some(_lock) = lock_name(&name)? else {
+            eprintln!("==> leaving node {name} alone: another `cargo xtask` process is using it");
+            continue;
+        };
         eprintln!("==> removing the leftover node {name}");
         match Node::running(&name)? {
             Some(mut node) => node.destroy()?,
@@ -665,17 +708,24 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Everything a node command needs: host packages, the agent binary, the pristine tree.
-pub fn prepare() -> Result<(PathBuf, PathBuf)> {
+/// Everything a node command needs: host packages, the agent binary, the pristine tree of
+/// each OS in `oses` (in that order).
+pub fn prepare(oses: &[Os]) -> Result<(PathBuf, Vec<(Os, PathBuf)>)> {
     host::require_root("cargo xtask node")?;
     host::ensure_packages(host::NODE_HOST_PACKAGES)?;
     // debootstrap mostly waits on the network and dpkg: build the agent meanwhile.
     std::thread::scope(|s| {
-        let tree = s.spawn(tree::ensure);
+        let trees = s.spawn(|| tree::ensure_all(oses));
         let agent = host::build_agent();
-        let pristine = tree.join().map_err(|_| anyhow!("building the node tree panicked"))?;
-        Ok((agent?, pristine?))
+        let trees = trees.join().map_err(|_| anyhow!("building the node trees panicked"))?;
+        Ok((agent?, trees?))
     })
+}
+
+/// A node name of a test run: `<kind>-<os>-<n>` (e.g. `e2e-trixie-3`), so that the nodes of
+/// both suites never share a name; `cleanup_leftovers("<kind>-")` finds them all.
+pub fn test_node_name(kind: &str, os: Os, n: usize) -> String {
+    format!("{kind}-{}-{n}", os.name())
 }
 
 /// Imports the busybox test image as core (no registry is reachable).
@@ -687,9 +737,12 @@ pub fn import_test_image(node: &mut Node) -> Result<()> {
 
 const DEV_NODE: &str = "dev";
 
-/// `cargo xtask node`: a fresh node left running, shown like an operator sees FCOS.
-pub fn cmd_node() -> Result<()> {
-    let (agent, pristine) = prepare()?;
+/// `cargo xtask node [--os OS]`: a fresh node of `os` left running, shown like an operator sees
+/// FCOS. There is one dev node whatever its OS: a new one replaces the running one.
+pub fn cmd_node(os: Os) -> Result<()> {
+    let (agent, trees) = prepare(&[os])?;
+    let pristine =
+        trees.into_iter().next().map(|(_, tree)| tree).expect("prepare returns the tree asked for");
     if let Some(mut old) = Node::running(DEV_NODE)? {
         eprintln!("==> replacing the running node {DEV_NODE}");
         old.destroy()?;
@@ -708,7 +761,7 @@ pub fn cmd_node() -> Result<()> {
         return Err(e);
     }
     println!();
-    println!("The node `{DEV_NODE}` is running (root file system {}).", node.dir.display());
+    println!("The {os} node `{DEV_NODE}` is running (root file system {}).", node.dir.display());
     println!("  shell as root:   cargo xtask node --shell     (then `runuser -l core` for the runner user)");
     println!("  console log:     {}", node.log.display());
     println!("  stop and delete: cargo xtask node --rm");
@@ -723,7 +776,8 @@ fn show_node(node: &mut Node) -> Result<()> {
     let (ready_at, _) = node.wait_readyz(true, Duration::from_secs(120), Duration::from_millis(50))?;
     let ready = ready_at - node.boot_started.unwrap();
     println!(
-        "\nbooted (systemd answering) after {:.2} s; agent ready after {:.2} s",
+        "\n{} booted (systemd answering) after {:.2} s; agent ready after {:.2} s",
+        os_release(node),
         booted.as_secs_f64(),
         ready.as_secs_f64()
     );
@@ -749,6 +803,15 @@ fn show_node(node: &mut Node) -> Result<()> {
     let (code, body) = wait_http(node, 80, "/index.html", Duration::from_secs(10))?;
     print!("{code} {body}");
     Ok(())
+}
+
+/// The node's PRETTY_NAME from /etc/os-release (e.g. "Debian GNU/Linux 13 (trixie)").
+pub fn os_release(node: &Node) -> String {
+    let text = std::fs::read_to_string(node.path("/etc/os-release")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| "the node".to_string())
 }
 
 /// Retries a GET until it answers 200 (a just-started container may need a moment).

@@ -1,17 +1,79 @@
-//! The pristine Debian bookworm root file system that every node is copied from, built with
-//! debootstrap and cached under `.node-cache/` keyed by its package list and recipe.
+//! The pristine Debian root file systems that every node is copied from, one per suite
+//! (bookworm, trixie), built with debootstrap and cached side by side under `.node-cache/`, each
+//! keyed by its suite, package list and recipe.
 
 use crate::host;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const SUITE: &str = "bookworm";
+/// A Debian release a node can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Os {
+    /// Debian 12: Podman 4.3, systemd 252, slirp4netns by default.
+    Bookworm,
+    /// Debian 13: Podman 5.4, systemd 257, pasta by default, netavark on nftables.
+    Trixie,
+}
 
-/// What a node needs besides minbase (see shared/notes/test-environments.md for why each is there).
-pub const PACKAGES: &[&str] = &[
+impl Os {
+    pub const ALL: &'static [Os] = &[Os::Bookworm, Os::Trixie];
+
+    /// The suite's code name, as debootstrap and the PASS/FAIL lines write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Os::Bookworm => "bookworm",
+            Os::Trixie => "trixie",
+        }
+    }
+
+    /// `bookworm`/`debian12`/`12` or `trixie`/`debian13`/`13` (any case).
+    pub fn parse(text: &str) -> Result<Os> {
+        match text.to_ascii_lowercase().as_str() {
+            "bookworm" | "debian12" | "debian-12" | "12" => Ok(Os::Bookworm),
+            "trixie" | "debian13" | "debian-13" | "13" => Ok(Os::Trixie),
+            _ => Err(anyhow!("unknown OS {text:?}: bookworm (debian12, 12) or trixie (debian13, 13)")),
+        }
+    }
+
+    /// `--os` of e2e and faults: one OS, or `all` for every one in turn.
+    pub fn parse_list(text: &str) -> Result<Vec<Os>> {
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(Os::ALL.to_vec());
+        }
+        let mut list = Vec::new();
+        for part in text.split(',') {
+            let os = Os::parse(part.trim())?;
+            if !list.contains(&os) {
+                list.push(os);
+            }
+        }
+        Ok(list)
+    }
+
+    /// What a node of this OS needs besides minbase (see shared/notes/test-environments.md).
+    pub fn packages(self) -> Vec<&'static str> {
+        let mut list = PACKAGES.to_vec();
+        if self == Os::Trixie {
+            // netavark on Debian 13 drives nftables: without `nft` every container start on a
+            // network fails ("netavark (exit code 1): nftables error: unable to execute nft").
+            list.push("nftables");
+        }
+        list
+    }
+}
+
+impl std::fmt::Display for Os {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a bookworm node needs besides minbase (see shared/notes/test-environments.md for why
+/// each is there); [`Os::packages`] adds what later suites need on top.
+const PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
     "dbus",
@@ -36,6 +98,10 @@ pub const PACKAGES: &[&str] = &[
 /// Bump when the customisation below changes, so cached trees are rebuilt.
 const RECIPE: &str = "executor-agent node tree v3";
 
+/// The suite the host's apt sources name: the mirror is taken from its stanza (the build
+/// machine is Debian 12), and the same mirror serves every suite.
+const HOST_SUITE: &str = "bookworm";
+
 /// Where the test image source lives in the tree (a tar of a busybox root, imported by `podman import`).
 pub const IMAGE_TAR: &str = "/opt/e2e/busybox.tar";
 /// What the test image's `/srv/index.html` says (served by busybox httpd on the published port).
@@ -46,70 +112,119 @@ pub fn cache_dir() -> PathBuf {
     host::repo_root().join(".node-cache")
 }
 
-/// The cache key: the suite, the package list and the recipe.
-fn key() -> String {
+/// The cache key of a suite's tree: the suite, its package list and the recipe.
+fn key(os: Os) -> String {
     let mut h = Sha256::new();
-    h.update(SUITE);
+    h.update(os.name());
     h.update("\n");
-    h.update(PACKAGES.join(","));
+    h.update(os.packages().join(","));
     h.update("\n");
     h.update(RECIPE);
     h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Returns the pristine tree, building it when the cache has none for the current key.
-pub fn ensure() -> Result<PathBuf> {
-    let dir = cache_dir().join(format!("tree-{}", key()));
-    let done = cache_dir().join(format!("tree-{}.done", key()));
+/// The tree's directory name: `tree-<suite>-<key>`.
+fn tree_name(os: Os) -> String {
+    format!("tree-{}-{}", os.name(), key(os))
+}
+
+/// Returns the pristine tree of `os`, building it when the cache has none for its current key.
+pub fn ensure(os: Os) -> Result<PathBuf> {
+    let dir = cache_dir().join(tree_name(os));
+    let done = cache_dir().join(format!("{}.done", tree_name(os)));
+    adopt_unnamed_tree(os, &dir, &done);
     if done.exists() && dir.join("usr/bin/podman").exists() {
-        eprintln!("==> reusing the cached node tree {}", dir.display());
+        eprintln!("==> reusing the cached {os} node tree {}", dir.display());
         return Ok(dir);
     }
-    remove_stale_trees()?;
+    remove_stale_trees(os)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove the incomplete tree {}", dir.display()))?;
     }
     let started = Instant::now();
-    build(&dir).with_context(|| format!("building the node tree in {} failed", dir.display()))?;
-    host::write(&done, format!("{RECIPE}\n{}\n", PACKAGES.join(" ")))?;
-    eprintln!("==> node tree built in {:.1} s: {}", started.elapsed().as_secs_f64(), dir.display());
+    build(os, &dir).with_context(|| format!("building the {os} node tree in {} failed", dir.display()))?;
+    host::write(&done, format!("{RECIPE}\n{}\n{}\n", os.name(), os.packages().join(" ")))?;
+    eprintln!("==> {os} node tree built in {:.1} s: {}", started.elapsed().as_secs_f64(), dir.display());
     Ok(dir)
 }
 
-/// Trees of older keys are removed: each is about a gigabyte.
-fn remove_stale_trees() -> Result<()> {
+/// The pristine trees of `oses`, built side by side (debootstrap mostly waits on the network
+/// and dpkg), in the order asked.
+pub fn ensure_all(oses: &[Os]) -> Result<Vec<(Os, PathBuf)>> {
+    std::thread::scope(|s| {
+        let builds: Vec<_> = oses.iter().map(|&os| (os, s.spawn(move || ensure(os)))).collect();
+        builds
+            .into_iter()
+            .map(|(os, build)| {
+                let tree = build.join().map_err(|_| anyhow!("building the {os} node tree panicked"))??;
+                Ok((os, tree))
+            })
+            .collect()
+    })
+}
+
+/// Before trees were named by suite, the bookworm tree was `tree-<key>`: a finished one with
+/// the current key is renamed rather than built again.
+fn adopt_unnamed_tree(os: Os, dir: &Path, done: &Path) {
+    let old = cache_dir().join(format!("tree-{}", key(os)));
+    let old_done = cache_dir().join(format!("tree-{}.done", key(os)));
+    if os != Os::Bookworm || dir.exists() || !old_done.exists() || !old.join("usr/bin/podman").exists() {
+        return;
+    }
+    if std::fs::rename(&old, dir).is_ok() && std::fs::rename(&old_done, done).is_ok() {
+        eprintln!("==> renamed the cached node tree tree-{} to {}", key(os), tree_name(os));
+    }
+}
+
+/// Whether the cache entry `name` (a tree or its `.done` marker) belongs to `os`: `tree-<suite>-*`,
+/// and for bookworm also the suite-less `tree-<key>` of before.
+fn belongs_to(name: &str, os: Os) -> bool {
+    let Some(rest) = name.strip_prefix("tree-") else { return false };
+    if let Some(rest) = rest.strip_prefix(os.name()) {
+        return rest.starts_with('-');
+    }
+    let stem = rest.strip_suffix(".done").unwrap_or(rest);
+    os == Os::Bookworm && stem.len() == 12 && stem.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Trees of `os` with older keys are removed (each is about a gigabyte); the other suites'
+/// trees are kept.
+fn remove_stale_trees(os: Os) -> Result<()> {
+    let current = tree_name(os);
     let Ok(entries) = std::fs::read_dir(cache_dir()) else { return Ok(()) };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("tree-") {
-            eprintln!("==> removing the stale node tree {name}");
-            let path = entry.path();
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-                    .with_context(|| format!("cannot remove {}", path.display()))?;
-            } else {
-                std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-            }
+        if !belongs_to(&name, os) || name == current || name == format!("{current}.done") {
+            continue;
+        }
+        eprintln!("==> removing the stale {os} node tree {name}");
+        let path = entry.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        } else {
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
 }
 
-/// The Debian mirror of this machine's apt sources (`URIs:` of the bookworm stanza).
+/// The Debian mirror of this machine's apt sources (`URIs:` of the bookworm stanza); the same
+/// mirror serves trixie, which the host's sources do not name.
 pub fn mirror() -> String {
     let deb822 = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     mirror_from(&deb822, &list).unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
 }
 
-/// The first URI serving `SUITE`, from a deb822 sources file, else from a one-line sources.list.
+/// The first URI serving [`HOST_SUITE`], from a deb822 sources file, else from a one-line
+/// sources.list.
 fn mirror_from(deb822: &str, list: &str) -> Option<String> {
     for stanza in deb822.split("\n\n") {
         let field =
             |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
         let suites = field("Suites:").unwrap_or_default();
-        if suites.split_whitespace().any(|s| s == SUITE) {
+        if suites.split_whitespace().any(|s| s == HOST_SUITE) {
             if let Some(uri) = field("URIs:").and_then(|u| u.split_whitespace().next().map(str::to_string)) {
                 return Some(uri);
             }
@@ -117,21 +232,22 @@ fn mirror_from(deb822: &str, list: &str) -> Option<String> {
     }
     list.lines().find_map(|line| {
         let words: Vec<&str> = line.split_whitespace().collect();
-        (words.len() >= 3 && words[0] == "deb" && words[2] == SUITE).then(|| words[1].to_string())
+        (words.len() >= 3 && words[0] == "deb" && words[2] == HOST_SUITE).then(|| words[1].to_string())
     })
 }
 
-fn build(dir: &Path) -> Result<()> {
+fn build(os: Os, dir: &Path) -> Result<()> {
     let mirror = mirror();
-    eprintln!("==> debootstrap {SUITE} from {mirror} (about a minute)");
+    eprintln!("==> debootstrap {os} from {mirror} (about a minute)");
     std::fs::create_dir_all(dir.parent().unwrap()).context("cannot create .node-cache")?;
-    let log = cache_dir().join("debootstrap.log");
+    // Per suite: both trees may be built at the same time.
+    let log = cache_dir().join(format!("debootstrap-{os}.log"));
     let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let status = host::cmd(
         "debootstrap",
-        ["--variant=minbase".to_string(), format!("--include={}", PACKAGES.join(","))],
+        ["--variant=minbase".to_string(), format!("--include={}", os.packages().join(","))],
     )
-    .arg(SUITE)
+    .arg(os.name())
     .arg(dir)
     .arg(&mirror)
     .stdin(std::process::Stdio::null())
@@ -148,12 +264,12 @@ fn build(dir: &Path) -> Result<()> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    customise(dir)
+    customise(os, dir)
 }
 
 /// Everything a node needs after debootstrap: the runner user, Podman settings, /dev/net/tun,
 /// a docker CLI, the test image source, and a quiet console.
-fn customise(dir: &Path) -> Result<()> {
+fn customise(os: Os, dir: &Path) -> Result<()> {
     // Downloaded .debs are not needed in the nodes.
     host::run(host::cmd("chroot", [dir.as_os_str(), "apt-get".as_ref(), "clean".as_ref()]))?;
 
@@ -183,20 +299,20 @@ fn customise(dir: &Path) -> Result<()> {
         ["--root".as_ref(), dir.as_os_str(), "mask".as_ref(), "console-getty.service".as_ref()],
     ))?;
 
-    install_docker_cli(dir)?;
-    build_test_image(dir)?;
+    install_docker_cli(os, dir)?;
+    build_test_image(os, dir)?;
     Ok(())
 }
 
 /// The docker CLI that GitLab Runner's `docker system dial-stdio` needs on the node (FCOS ships
 /// one): the host's /usr/local/bin/docker, else the client from Debian's docker.io package.
-fn install_docker_cli(dir: &Path) -> Result<()> {
+fn install_docker_cli(os: Os, dir: &Path) -> Result<()> {
     let dest = dir.join("usr/local/bin/docker");
     let host_docker = Path::new("/usr/local/bin/docker");
     if host_docker.is_file() {
         std::fs::copy(host_docker, &dest).context("cannot copy /usr/local/bin/docker into the tree")?;
     } else {
-        let work = cache_dir().join("docker-cli");
+        let work = cache_dir().join(format!("docker-cli-{os}"));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         host::run(host::cmd("chroot", [dir.to_str().unwrap(), "apt-get", "update", "-q"]))
@@ -225,8 +341,8 @@ fn install_docker_cli(dir: &Path) -> Result<()> {
 
 /// A busybox root as a tar in the tree: `podman import` makes it `localhost/busybox` on the node,
 /// since no registry is reachable. Its /srv/index.html is what the port-80 check expects.
-fn build_test_image(dir: &Path) -> Result<()> {
-    let staging = cache_dir().join("image-staging");
+fn build_test_image(os: Os, dir: &Path) -> Result<()> {
+    let staging = cache_dir().join(format!("image-staging-{os}"));
     let _ = std::fs::remove_dir_all(&staging);
     for sub in ["bin", "srv", "tmp"] {
         std::fs::create_dir_all(staging.join(sub))?;
@@ -265,11 +381,56 @@ mod tests {
         let list = "deb http://mirror.three/debian bookworm main\n";
         assert_eq!(mirror_from("", list), Some("http://mirror.three/debian".into()));
         assert_eq!(mirror_from("", ""), None);
+        // Only the bookworm stanza counts (the host is Debian 12); trixie uses the same mirror.
+        let other = "Types: deb\nURIs: http://elsewhere/debian\nSuites: trixie\n";
+        assert_eq!(mirror_from(other, ""), None);
     }
 
     #[test]
-    fn cache_key_changes_with_the_recipe_inputs() {
-        assert_eq!(key().len(), 12);
-        assert!(PACKAGES.contains(&"iptables"), "without iptables the Docker-API default network fails");
+    fn parses_os_names() {
+        for text in ["bookworm", "debian12", "12", "Bookworm"] {
+            assert_eq!(Os::parse(text).unwrap(), Os::Bookworm, "{text}");
+        }
+        for text in ["trixie", "debian13", "13"] {
+            assert_eq!(Os::parse(text).unwrap(), Os::Trixie, "{text}");
+        }
+        assert!(Os::parse("sid").is_err());
+        assert_eq!(Os::parse_list("all").unwrap(), Os::ALL);
+        assert_eq!(Os::parse_list("13").unwrap(), [Os::Trixie]);
+        for os in Os::ALL {
+            assert_eq!(Os::parse(os.name()).unwrap(), *os);
+        }
+    }
+
+    #[test]
+    fn trixie_adds_nftables_to_the_bookworm_list() {
+        let (bookworm, trixie) = (Os::Bookworm.packages(), Os::Trixie.packages());
+        assert!(bookworm.contains(&"iptables"), "without iptables the Docker-API default network fails");
+        assert!(!bookworm.contains(&"nftables"));
+        assert!(trixie.contains(&"nftables"), "netavark on Debian 13 needs nft");
+        assert!(bookworm.iter().all(|p| trixie.contains(p)), "trixie lacks a bookworm package");
+        assert_eq!(trixie.len(), bookworm.len() + 1);
+    }
+
+    #[test]
+    fn cache_keys_differ_per_suite_and_name_it() {
+        assert_eq!(key(Os::Bookworm).len(), 12);
+        assert_ne!(key(Os::Bookworm), key(Os::Trixie));
+        assert!(tree_name(Os::Trixie).starts_with("tree-trixie-"));
+        assert!(tree_name(Os::Bookworm).starts_with("tree-bookworm-"));
+    }
+
+    #[test]
+    fn stale_tree_removal_keeps_the_other_suite() {
+        assert!(belongs_to("tree-bookworm-0123456789ab", Os::Bookworm));
+        assert!(belongs_to("tree-bookworm-0123456789ab.done", Os::Bookworm));
+        assert!(belongs_to("tree-0123456789ab", Os::Bookworm), "the suite-less name of before");
+        assert!(belongs_to("tree-0123456789ab.done", Os::Bookworm));
+        assert!(!belongs_to("tree-trixie-0123456789ab", Os::Bookworm));
+        assert!(!belongs_to("tree-0123456789ab", Os::Trixie));
+        assert!(belongs_to("tree-trixie-0123456789ab.done", Os::Trixie));
+        assert!(!belongs_to("tree-bookworm-0123456789ab", Os::Trixie));
+        assert!(!belongs_to("nodes", Os::Bookworm));
+        assert!(!belongs_to("debootstrap-trixie.log", Os::Trixie));
     }
 }
