@@ -27,7 +27,7 @@ pub const ALL_CHECKS: [&str; 14] = [
 ];
 
 /// Checks that warn rather than decide readiness unless configured otherwise.
-const ADVISORY_BY_DEFAULT: [&str; 3] = ["cgroup-delegation", "docker-cli", "canary"];
+const ADVISORY_BY_DEFAULT: [&str; 2] = ["cgroup-delegation", "docker-cli"];
 
 /// How a check affects readiness, and how many observations it takes to flip it (like
 /// Consul's `failures_before_critical` and `success_before_passing`).

@@ -71,6 +71,8 @@ pub enum UserManagerCommand {
     },
     /// Print the units' states as JSON lines whenever they change.
     Watch { units: Vec<String> },
+    /// Remove a rootless network namespace whose holder (slirp4netns, pasta) is dead.
+    ResetRootlessNetns,
     /// Run `podman system migrate` as a transient service of the user's manager.
     Migrate {
         #[arg(long, default_value = "2m")]

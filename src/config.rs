@@ -201,19 +201,28 @@ pub struct Cgroups {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Canary {
-    /// A locally present image to create and remove a container from; empty: no canary.
-    pub image: String,
-    /// At most one canary run per interval.
+    /// Run the job canary (required by default: a node is ready only when a round passed).
+    pub enabled: bool,
+    /// A passing node runs a round at least this often.
     #[serde(with = "duration")]
     pub interval: Duration,
-    /// Bound on one canary run.
+    /// Bound on one round (cleanup has its own 20 s after it).
     #[serde(with = "duration")]
     pub timeout: Duration,
+    /// Never two rounds closer than this: requests and failures wait for it, then back off
+    /// doubling up to `interval`.
+    #[serde(with = "duration")]
+    pub min_gap: Duration,
 }
 
 impl Default for Canary {
     fn default() -> Self {
-        Canary { image: String::new(), interval: Duration::from_secs(300), timeout: Duration::from_secs(30) }
+        Canary {
+            enabled: true,
+            interval: Duration::from_secs(300),
+            timeout: Duration::from_secs(30),
+            min_gap: Duration::from_secs(15),
+        }
     }
 }
 
@@ -407,6 +416,19 @@ fn validate_across_keys(
                 "{} is larger than repair.backoff_max {}",
                 humantime::format_duration(s.repair.backoff_min),
                 humantime::format_duration(s.repair.backoff_max)
+            ),
+        );
+    }
+    let c = &s.canary;
+    if c.min_gap.is_zero() || c.min_gap > c.interval || c.timeout.is_zero() {
+        return conflict(
+            &["canary.min_gap", "canary.interval", "canary.timeout"],
+            "canary",
+            format!(
+                "need 0 < min_gap <= interval and timeout > 0, got min_gap {} / interval {} / timeout {}",
+                humantime::format_duration(c.min_gap),
+                humantime::format_duration(c.interval),
+                humantime::format_duration(c.timeout)
             ),
         );
     }

@@ -177,7 +177,7 @@ async fn one_pass(
 ) {
     let seen = steps::inspect_all(cx, steps).await;
     let observed: Vec<Observation> = seen.iter().flat_map(|(_, i)| i.observations.clone()).collect();
-    reporter.publish(observed);
+    let mut changed = reporter.publish(observed);
     let pass = repair_pass(cx, steps, seen, backoff).await;
     for (step, change) in &pass.changes {
         tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
@@ -186,7 +186,22 @@ async fn one_pass(
         reporter.metrics.repaired(step.name(), !pass.errors.iter().any(|(s, _)| s == step));
     }
     reporter.metrics.image_gc_freed(steps::storage::take_freed_bytes());
-    reporter.publish(observations(&pass));
+    changed |= reporter.publish(observations(&pass));
+    if let crate::canary::Handle::Daemon(runner) = &*cx.canary {
+        runner.set_blocked(canary_blocked_by(&reporter.checks));
+        // A repair or a check that flipped can have broken (or fixed) what a job needs.
+        if changed || !pass.changes.is_empty() {
+            runner.request();
+        }
+    }
+}
+
+/// The checks a canary round needs, and why it cannot run when one fails.
+fn canary_blocked_by(checks: &CheckSet) -> Option<String> {
+    const NEEDED: [&str; 3] = ["linger", "podman-socket", "podman-api"];
+    let failing: Vec<&str> =
+        checks.checks().iter().filter(|c| NEEDED.contains(&c.name) && !c.ok).map(|c| c.name).collect();
+    (!failing.is_empty()).then(|| format!("waiting for {} to pass", failing.join(", ")))
 }
 
 /// Sends WATCHDOG=1 while the main loop keeps ticking; a loop stuck for longer than `stall`
@@ -226,8 +241,8 @@ struct Reporter {
 
 impl Reporter {
     /// Records observations, logs check and readiness transitions, and tells probes,
-    /// metrics and systemd.
-    fn publish(&mut self, observed: Vec<Observation>) {
+    /// metrics and systemd. Returns whether a check other than the canary flipped.
+    fn publish(&mut self, observed: Vec<Observation>) -> bool {
         let was_ready = self.checks.ready();
         let transitions = self.checks.record(observed, SystemTime::now());
         for t in &transitions {
@@ -260,6 +275,23 @@ impl Reporter {
             notify(&[sd_notify::NotifyState::Status(&line)]);
             self.status_line = line;
         }
+        transitions.iter().any(|t| t.name != crate::canary::CHECK)
+    }
+
+    /// A finished canary round: journal, metrics, the check.
+    fn canary_round(&mut self, report: &crate::canary::round::Report) {
+        self.metrics.canary_round(report);
+        match &report.failure {
+            Some((stage, why)) => tracing::warn!(
+                message_id = journal::CANARY_FAILED,
+                stage = stage.name(),
+                duration_ms = report.total.as_millis() as u64,
+                "error: canary round failed at stage {} -> {why}",
+                stage.name()
+            ),
+            None => tracing::debug!(duration_ms = report.total.as_millis() as u64, "canary round passed"),
+        }
+        self.publish(vec![crate::canary::observation(report)]);
     }
 
     /// Tells probes the loop is alive, with the latest results.
@@ -287,10 +319,21 @@ fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
 
 /// Runs until SIGTERM or SIGINT.
 /// Runs until SIGTERM or SIGINT.
-pub async fn run(cx: Context) -> Result<()> {
-    let cx = Arc::new(cx);
+pub async fn run(mut cx: Context) -> Result<()> {
     let started = Instant::now();
     let steps = Step::for_context(&cx);
+    let runner = steps.contains(&Step::Canary).then(|| {
+        let api = crate::podman_api::Client::new(
+            steps::podman_socket::socket_path(&cx),
+            cx.settings.canary.timeout,
+        );
+        let user = cx.root.is_host().then(|| cx.user.clone());
+        crate::canary::Runner::new(api, cx.settings.canary.clone(), user)
+    });
+    if let Some(runner) = &runner {
+        cx.canary = Arc::new(crate::canary::Handle::Daemon(runner.clone()));
+    }
+    let cx = Arc::new(cx);
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::new());
     let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::new(pending_checks(&cx, &steps)));
@@ -341,6 +384,16 @@ pub async fn run(cx: Context) -> Result<()> {
         tokio::spawn(crate::watch::watch_system_bus(cx.system_bus.clone(), cx.user.clone(), wake.clone()));
     }
     let mut user_watch = UserWatch::default();
+    // The runner user's containers configuration can break a round without any check
+    // flipping (a network backend, a runtime): a change asks for a round.
+    let canary_kick = Arc::new(Notify::new());
+    let containers_conf = FileWatcher::new().context("setting up inotify")?;
+    let containers_dirs =
+        vec![WatchedDir { dir: cx.root.join(&cx.user.home).join(".config/containers"), names: vec![] }];
+    containers_conf.arm(&containers_dirs);
+    tokio::spawn(containers_conf.clone().run(canary_kick.clone()));
+    let mut canary_rounds = runner.as_ref().map(|r| r.subscribe());
+    let canary_task = runner.clone().map(|r| tokio::spawn(r.run()));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -363,6 +416,10 @@ pub async fn run(cx: Context) -> Result<()> {
     };
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
     let mut first_pass = true;
+    let mut ready_sent = false;
+    let mut first_pass_done = None;
+    // READY=1 waits for the first canary round, within its bounds.
+    let ready_wait_limit = cx.settings.canary.timeout + Duration::from_secs(25);
     let mut next_resync = Instant::now();
     loop {
         let now = Instant::now();
@@ -376,6 +433,29 @@ pub async fn run(cx: Context) -> Result<()> {
                 true
             }
             _ = tokio::time::sleep_until(pass_due.min(now + TICK).into()) => false,
+            Some(Ok(())) = async {
+                match canary_rounds.as_mut() {
+                    Some(rx) => Some(rx.changed().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                let latest = canary_rounds.as_mut().map(|rx| rx.borrow_and_update().clone());
+                if let Some(latest) = latest {
+                    if let Some(report) = &latest.report {
+                        reporter.canary_round(report);
+                    }
+                    for change in &latest.repairs {
+                        tracing::info!(message_id = journal::NODE_CHANGED, step = crate::canary::CHECK, "{change}");
+                    }
+                }
+                false
+            }
+            _ = canary_kick.notified() => {
+                if let Some(runner) = &runner {
+                    runner.request();
+                }
+                false
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -397,13 +477,14 @@ pub async fn run(cx: Context) -> Result<()> {
                     started.elapsed(),
                     reporter.status_line
                 );
-                notify(&[sd_notify::NotifyState::Ready]);
                 first_pass = false;
+                first_pass_done = Some(Instant::now());
             }
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
             // Afterburn may write its metadata after the agent started.
             reporter.instance = identity::read(&cx.root);
             files.arm(&watched_dirs(&cx));
+            containers_conf.arm(&containers_dirs);
             if cx.root.is_host() {
                 let manager_up = reporter.checks.checks().iter().any(|c| c.name == "linger" && c.ok);
                 if manager_up {
@@ -411,10 +492,31 @@ pub async fn run(cx: Context) -> Result<()> {
                 }
             }
         }
+        if !ready_sent && !first_pass {
+            let canary_done = match &runner {
+                None => true,
+                Some(r) => !r.unblocked() || r.subscribe().borrow().rounds > 0,
+            };
+            if canary_done || first_pass_done.is_some_and(|t| t.elapsed() > ready_wait_limit) {
+                tracing::info!(
+                    message_id = journal::AGENT_LIFECYCLE,
+                    ready_ms = started.elapsed().as_millis() as u64,
+                    "started after {:?}: {}",
+                    started.elapsed(),
+                    reporter.status_line
+                );
+                notify(&[sd_notify::NotifyState::Ready]);
+                ready_sent = true;
+            }
+        }
         reporter.heartbeat();
     }
 
     tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");
+    if let Some(task) = canary_task {
+        // A round cut short leaves objects; the next agent's first round removes them.
+        task.abort();
+    }
     notify(&[sd_notify::NotifyState::Stopping]);
     user_watch.stop();
     let _ = stop_servers.send(true);

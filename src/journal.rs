@@ -16,6 +16,8 @@ pub const NODE_READY: &str = "7ba5e54cd07e4f91bcbf130e10d4bc96";
 pub const NODE_NOT_READY: &str = "4da83dcf98484804b701e669ba5eebb8";
 /// One check changed from passing to failing or back.
 pub const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
+/// A job canary round failed (fields STAGE, and the reason in the message).
+pub const CANARY_FAILED: &str = "44e9bec21edf42c7862c3c56b9318309";
 /// The agent started (with its effective configuration) or is stopping.
 pub const AGENT_LIFECYCLE: &str = "d3954dc3203c47b8867f25f26914f130";
 

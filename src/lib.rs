@@ -1,6 +1,7 @@
 //! executor-agent: the root service that turns a Fedora CoreOS node into one ready for
 //! rootless Podman CI jobs, keeps it that way, and says so.
 
+pub mod canary;
 pub mod checks;
 pub mod cli;
 pub mod commands;
@@ -18,5 +19,6 @@ pub mod runner_user;
 pub mod steps;
 pub mod subid;
 pub mod systemd;
+pub mod text;
 pub mod user_manager;
 pub mod watch;

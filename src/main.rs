@@ -11,6 +11,11 @@ enum CommandKind {
 }
 
 fn main() -> ExitCode {
+    // Inside a canary container: the payload only, before anything reads the node.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(executor_agent::canary::payload::ARG) {
+        return ExitCode::from(executor_agent::canary::payload::main(&args[1..]) as u8);
+    }
     let cli = Cli::parse();
     let command_kind =
         if matches!(cli.command, Command::Run) { CommandKind::Daemon } else { CommandKind::OneShot };

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -27,6 +28,16 @@ struct DriftLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -39,6 +50,10 @@ pub struct Metrics {
     repairs: Family<RepairLabels, Counter>,
     drift: Family<DriftLabels, Counter>,
     gc_freed: Counter,
+    canary_rounds: Family<OutcomeLabels, Counter>,
+    canary_failures: Family<StageLabels, Counter>,
+    canary_stage_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
+    canary_round_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -73,7 +88,43 @@ impl Metrics {
         let build = Family::<BuildLabels, Gauge>::default();
         registry.register("build_info", "The agent's version", build.clone());
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
-        Metrics { registry, check_ok, ready, time_to_ready, repairs, drift, gc_freed }
+        let canary_rounds = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "canary_rounds",
+            "Job canary rounds by outcome (pass, fail)",
+            canary_rounds.clone(),
+        );
+        let canary_failures = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "canary_failures",
+            "Failed job canary rounds by the stage that failed",
+            canary_failures.clone(),
+        );
+        let canary_stage_seconds = Family::<StageLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "canary_stage_duration_seconds",
+            "How long each stage of the latest job canary round took",
+            canary_stage_seconds.clone(),
+        );
+        let canary_round_seconds = Histogram::new([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]);
+        registry.register(
+            "canary_round_duration_seconds",
+            "Wall time of job canary rounds, cleanup included",
+            canary_round_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            check_ok,
+            ready,
+            time_to_ready,
+            repairs,
+            drift,
+            gc_freed,
+            canary_rounds,
+            canary_failures,
+            canary_stage_seconds,
+            canary_round_seconds,
+        }
     }
 
     /// Updates the gauges from the latest checks and counts drift from their transitions.
@@ -99,6 +150,21 @@ impl Metrics {
 
     pub fn image_gc_freed(&self, bytes: u64) {
         self.gc_freed.inc_by(bytes);
+    }
+
+    /// Counts a canary round and records its stages' times.
+    pub fn canary_round(&self, report: &crate::canary::round::Report) {
+        let outcome = if report.failure.is_none() { "pass" } else { "fail" };
+        self.canary_rounds.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+        if let Some((stage, _)) = &report.failure {
+            self.canary_failures.get_or_create(&StageLabels { stage: stage.name().into() }).inc();
+        }
+        for (stage, took) in &report.stages {
+            self.canary_stage_seconds
+                .get_or_create(&StageLabels { stage: stage.name().into() })
+                .set(took.as_secs_f64());
+        }
+        self.canary_round_seconds.observe(report.total.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.
@@ -129,6 +195,13 @@ mod tests {
         m.observe(&set, &t);
         m.repaired("podman-socket", true);
         m.image_gc_freed(1024);
+        m.canary_round(&crate::canary::round::Report {
+            stages: vec![(crate::canary::Stage::Network, std::time::Duration::from_millis(250))],
+            total: std::time::Duration::from_millis(700),
+            failure: Some((crate::canary::Stage::Dns, "no answer".into())),
+            leftovers_removed: 0,
+            imported: false,
+        });
         let text = m.render();
         for line in [
             "executor_agent_check_ok{check=\"podman-api\",required=\"true\"} 0",
@@ -138,6 +211,10 @@ mod tests {
             "executor_agent_repairs_total{step=\"podman-socket\",outcome=\"success\"} 1",
             "executor_agent_drift_events_total{check=\"podman-api\"} 1",
             "executor_agent_image_gc_freed_bytes_total 1024",
+            "executor_agent_canary_rounds_total{outcome=\"fail\"} 1",
+            "executor_agent_canary_failures_total{stage=\"dns\"} 1",
+            "executor_agent_canary_stage_duration_seconds{stage=\"network\"} 0.25",
+            "executor_agent_canary_round_duration_seconds_count 1",
             "executor_agent_build_info{version=\"",
             "# EOF",
         ] {

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// The most of an engine's error message that a check's detail carries.
+pub const MAX_MESSAGE_CHARS: usize = 300;
 /// Largest response body `get` reads; `/version` is about 1 KiB.
 const MAX_BODY: usize = 64 * 1024;
 /// Largest body [`Client`] reads: `/images/json` of a CI node with hundreds of tagged images
@@ -41,6 +43,34 @@ pub async fn request<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let body = match json {
+        Some(value) => {
+            Some(RequestBody { content_type: "application/json", bytes: serde_json::to_vec(value)?.into() })
+        }
+        None => None,
+    };
+    request_with_body(stream, host, method, path, body, max_body).await
+}
+
+/// A request body with its media type (JSON documents, or a tar for an image import).
+#[derive(Clone, Debug)]
+pub struct RequestBody {
+    pub content_type: &'static str,
+    pub bytes: Bytes,
+}
+
+/// [`request`] with any body.
+pub async fn request_with_body<S>(
+    stream: S,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: Option<RequestBody>,
+    max_body: usize,
+) -> Result<(u16, Bytes)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     let driver = tokio::spawn(conn);
@@ -49,10 +79,10 @@ where
         .uri(path)
         .header(hyper::header::HOST, host)
         .header(hyper::header::USER_AGENT, concat!("executor-agent/", env!("CARGO_PKG_VERSION")));
-    let body = match json {
-        Some(value) => {
-            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-            Bytes::from(serde_json::to_vec(value)?)
+    let body = match body {
+        Some(body) => {
+            builder = builder.header(hyper::header::CONTENT_TYPE, body.content_type);
+            body.bytes
         }
         None => Bytes::new(),
     };
@@ -84,22 +114,17 @@ impl ApiError {
         err.chain().find_map(|e| e.downcast_ref::<ApiError>()).map(|e| e.status)
     }
 
-    fn new(method: Method, path: &str, status: u16, body: &[u8]) -> Self {
+    pub(crate) fn new(method: Method, path: &str, status: u16, body: &[u8]) -> Self {
         #[derive(Deserialize)]
         struct Message {
             message: String,
         }
+        // The engine's text is the runner user's to shape (its Podman, its images): one
+        // bounded line, whatever it sent. A whole HTML page or a stack trace would drown
+        // the check's detail.
         let message = match serde_json::from_slice::<Message>(body) {
-            Ok(m) => m.message,
-            Err(_) => {
-                let text = String::from_utf8_lossy(body);
-                let text = text.trim();
-                // A whole HTML page or a stack trace would drown the check's detail.
-                match text.char_indices().nth(200) {
-                    Some((cut, _)) => format!("{}…", &text[..cut]),
-                    None => text.to_string(),
-                }
-            }
+            Ok(m) => crate::text::one_line(&m.message, MAX_MESSAGE_CHARS),
+            Err(_) => crate::text::one_line(&String::from_utf8_lossy(body), MAX_MESSAGE_CHARS),
         };
         ApiError { method, path: path.to_string(), status, message }
     }
@@ -129,12 +154,31 @@ impl Client {
         path: &str,
         json: Option<&serde_json::Value>,
     ) -> Result<(u16, Bytes)> {
+        let body = match json {
+            Some(value) => Some(RequestBody {
+                content_type: "application/json",
+                bytes: serde_json::to_vec(value)?.into(),
+            }),
+            None => None,
+        };
+        self.send_body(method, path, body).await
+    }
+
+    /// [`Client::send`] with any body.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<RequestBody>,
+    ) -> Result<(u16, Bytes)> {
         let what = format!("{method} {path}");
         tokio::time::timeout(self.timeout, async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
                 .with_context(|| format!("connecting to {}", self.socket.display()))?;
-            request(stream, "d", method, path, json, MAX_LIST_BODY).await.with_context(|| what.clone())
+            request_with_body(stream, "d", method, path, body, MAX_LIST_BODY)
+                .await
+                .with_context(|| what.clone())
         })
         .await
         .map_err(|_| anyhow!("{what}: no answer within {}", humantime::format_duration(self.timeout)))?
@@ -143,6 +187,15 @@ impl Client {
     /// One request that must answer 2xx; otherwise an [`ApiError`].
     pub async fn call(&self, method: Method, path: &str, json: Option<&serde_json::Value>) -> Result<Bytes> {
         let (status, body) = self.send(method.clone(), path, json).await?;
+        if !(200..300).contains(&status) {
+            return Err(ApiError::new(method, path, status, &body).into());
+        }
+        Ok(body)
+    }
+
+    /// [`Client::call`] with any body.
+    pub async fn call_body(&self, method: Method, path: &str, body: RequestBody) -> Result<Bytes> {
+        let (status, body) = self.send_body(method.clone(), path, Some(body)).await?;
         if !(200..300).contains(&status) {
             return Err(ApiError::new(method, path, status, &body).into());
         }
@@ -174,7 +227,10 @@ pub async fn probe(socket: &Path, timeout: Duration) -> Result<EngineVersion> {
     let client = Client::new(socket, timeout);
     let (status, body) = client.send(Method::GET, "/_ping", None).await?;
     if status != 200 || body.as_ref() != b"OK" {
-        bail!("GET /_ping answered {status} {:?}, not 200 \"OK\"", String::from_utf8_lossy(&body));
+        bail!(
+            "GET /_ping answered {status} {:?}, not 200 \"OK\"",
+            crate::text::one_line(&String::from_utf8_lossy(&body), 100)
+        );
     }
     let (status, body) = client.send(Method::GET, "/version", None).await?;
     if status != 200 {

@@ -193,6 +193,11 @@ pub async fn migrate(user: &Account, timeout: Duration) -> Result<()> {
     .map(drop)
 }
 
+/// `canary::repair::reset`, run as the user; returns what it removed.
+pub async fn reset_rootless_netns(user: &Account) -> Result<Vec<String>> {
+    call_as(user, &["reset-rootless-netns"], Duration::from_secs(10)).await
+}
+
 /// A running `user-manager watch` helper; each line it prints is a wake-up for the daemon.
 pub struct Watcher {
     child: tokio::process::Child,
@@ -231,6 +236,12 @@ impl Watcher {
 /// Entry point of the helper, already running as the user.
 pub async fn helper_main(command: crate::cli::UserManagerCommand) -> Result<()> {
     use crate::cli::UserManagerCommand as C;
+    if let C::ResetRootlessNetns = command {
+        let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").context("XDG_RUNTIME_DIR is not set")?;
+        let removed = crate::canary::repair::reset(std::path::Path::new(&runtime_dir))?;
+        println!("{}", serde_json::to_string(&removed)?);
+        return Ok(());
+    }
     let conn = zbus::Connection::session().await.map_err(|e| {
         let bus = std::env::var("DBUS_SESSION_BUS_ADDRESS").unwrap_or_default();
         let bus = bus.trim_start_matches("unix:path=");
@@ -250,6 +261,7 @@ pub async fn helper_main(command: crate::cli::UserManagerCommand) -> Result<()> 
             stdout.write_all(&serde_json::to_vec(&report)?).await?;
         }
         C::Watch { units } => watch(&conn, &units).await?,
+        C::ResetRootlessNetns => unreachable!("handled before connecting"),
         C::Migrate { timeout } => {
             let podman = find_in_path("podman").context("podman is not installed")?;
             let argv = [podman.display().to_string(), "system".into(), "migrate".into()];

@@ -72,7 +72,7 @@ fn core() -> Account {
 fn context(conn: zbus::Connection) -> Context {
     let mut settings = Settings::default();
     settings.linger.user_manager_timeout = TIMEOUT;
-    Context { root: Root::host(), settings, user: core(), system_bus: SystemBus::with_connection(conn) }
+    Context { system_bus: SystemBus::with_connection(conn), ..Context::new(Root::host(), settings, core()) }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -20,10 +20,8 @@ async fn the_delegation_drop_in_is_written_and_loaded_once() {
     settings.cgroups.fix_delegation = true;
     let user = Account { name: "core".into(), uid: 1000, gid: 1000, home: "/var/home/core".into() };
     let cx = Context {
-        root: Root::new(dir.path()),
-        settings,
-        user,
         system_bus: SystemBus::with_connection(d.client().await),
+        ..Context::new(Root::new(dir.path()), settings, user)
     };
 
     let changes = write_drop_in(&cx).await.unwrap();

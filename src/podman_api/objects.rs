@@ -86,6 +86,14 @@ fn path_segment(id: &str) -> Result<&str> {
     Ok(id)
 }
 
+/// An image `[registry/]repo:tag` as a path: [`path_segment`] plus `/` between parts.
+fn image_reference(reference: &str) -> Result<&str> {
+    for part in reference.split('/') {
+        path_segment(part)?;
+    }
+    Ok(reference)
+}
+
 impl Client {
     /// Top-level images (`all=false`: no intermediate layers of builds).
     pub async fn list_images(&self) -> Result<Vec<ImageSummary>> {
@@ -131,6 +139,217 @@ impl Client {
             .map(drop)
             .with_context(|| format!("removing container {}", short_id(id)))
     }
+}
+
+/// What [`Client::list_labelled`] returns for containers, networks and volumes alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Labelled {
+    /// The container's ID, or the network's or volume's name.
+    pub id: String,
+    /// The value of the label asked for.
+    pub value: String,
+}
+
+/// The kinds of objects a label filter lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Container,
+    Network,
+    Volume,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Container => "container",
+            Kind::Network => "network",
+            Kind::Volume => "volume",
+        }
+    }
+}
+
+impl Client {
+    /// Containers (running or not), networks or volumes that carry the label `key`, with
+    /// its value.
+    pub async fn list_labelled(&self, kind: Kind, key: &str) -> Result<Vec<Labelled>> {
+        let filters = query_value(&serde_json::json!({ "label": [key] }).to_string());
+        let path = match kind {
+            Kind::Container => format!("/containers/json?all=true&filters={filters}"),
+            Kind::Network => format!("/networks?filters={filters}"),
+            Kind::Volume => format!("/volumes?filters={filters}"),
+        };
+        let body: serde_json::Value = self.call_json(Method::GET, &path, None).await?;
+        // Volumes come wrapped ({"Volumes": [...]}); containers and networks as a list.
+        let list = match kind {
+            Kind::Volume => body.get("Volumes").cloned().unwrap_or(serde_json::Value::Null),
+            _ => body,
+        };
+        let id_field = match kind {
+            Kind::Container => "Id",
+            Kind::Network | Kind::Volume => "Name",
+        };
+        let mut out = Vec::new();
+        for item in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let (Some(id), Some(value)) =
+                (item[id_field].as_str(), item["Labels"].get(key).and_then(|v| v.as_str()))
+            else {
+                continue;
+            };
+            out.push(Labelled { id: id.to_string(), value: value.to_string() });
+        }
+        Ok(out)
+    }
+
+    /// Removes a container, network or volume (forced: stopped, disconnected, unused).
+    pub async fn remove(&self, kind: Kind, id: &str) -> Result<()> {
+        let id = path_segment(id)?;
+        let path = match kind {
+            Kind::Container => format!("/containers/{id}?force=true&v=true"),
+            Kind::Network => format!("/networks/{id}"),
+            Kind::Volume => format!("/volumes/{id}?force=true"),
+        };
+        self.call(Method::DELETE, &path, None)
+            .await
+            .map(drop)
+            .with_context(|| format!("removing {} {id}", kind.name()))
+    }
+
+    /// Creates a network (the Docker document: `Name`, `Labels`, ...).
+    pub async fn create_network(&self, body: &serde_json::Value) -> Result<()> {
+        self.call(Method::POST, "/networks/create", Some(body)).await.map(drop)
+    }
+
+    /// Creates a named volume.
+    pub async fn create_volume(&self, body: &serde_json::Value) -> Result<()> {
+        self.call(Method::POST, "/volumes/create", Some(body)).await.map(drop)
+    }
+
+    /// [`Client::create_container`] with a name.
+    pub async fn create_named_container(&self, name: &str, body: &serde_json::Value) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "Id")]
+            id: String,
+        }
+        let path = format!("/containers/create?name={}", query_value(name));
+        let created: Created = self.call_json(Method::POST, &path, Some(body)).await?;
+        Ok(created.id)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let path = format!("/containers/{}/start", path_segment(id)?);
+        self.call(Method::POST, &path, None).await.map(drop)
+    }
+
+    /// Waits until the container exits; returns its exit code.
+    pub async fn wait_container(&self, id: &str) -> Result<i64> {
+        #[derive(Deserialize)]
+        struct Waited {
+            #[serde(rename = "StatusCode")]
+            status_code: i64,
+        }
+        let path = format!("/containers/{}/wait", path_segment(id)?);
+        let waited: Waited = self.call_json(Method::POST, &path, None).await?;
+        Ok(waited.status_code)
+    }
+
+    /// The container's output so far (stdout and stderr, at most `max` bytes of each frame's
+    /// payload kept), as text with the stream framing removed.
+    pub async fn container_logs(&self, id: &str, max: usize) -> Result<String> {
+        let path = format!("/containers/{}/logs?stdout=true&stderr=true", path_segment(id)?);
+        let body = self.call(Method::GET, &path, None).await?;
+        let mut text = demultiplex(&body);
+        text.truncate(text.floor_char_boundary(max));
+        Ok(text)
+    }
+
+    /// The host port a container's `container_port/tcp` is published on.
+    pub async fn published_port(&self, id: &str, container_port: u16) -> Result<u16> {
+        let path = format!("/containers/{}/json", path_segment(id)?);
+        let inspect: serde_json::Value = self.call_json(Method::GET, &path, None).await?;
+        let key = format!("{container_port}/tcp");
+        let bindings = &inspect["NetworkSettings"]["Ports"][&key];
+        bindings
+            .as_array()
+            .and_then(|b| b.iter().find_map(|b| b["HostPort"].as_str()?.parse::<u16>().ok()))
+            .filter(|port| *port != 0)
+            .with_context(|| format!("container {} has no host port for {key}", short_id(id)))
+    }
+
+    /// Whether an image of that name (`repo:tag`) is present.
+    pub async fn image_exists(&self, reference: &str) -> Result<bool> {
+        let path = format!("/images/{}/json", image_reference(reference)?);
+        let (status, body) = self.send(Method::GET, &path, None).await?;
+        match status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(super::ApiError::new(Method::GET, &path, status, &body).into()),
+        }
+    }
+
+    /// Imports a root file system tar as an image (`docker import`) and tags it
+    /// `repo:tag`, with `labels`. Returns the image ID.
+    pub async fn import_image(
+        &self,
+        tar: Vec<u8>,
+        reference: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<String> {
+        let (repo, tag) = reference.rsplit_once(':').context("an image reference without a tag")?;
+        let mut path = "/images/create?fromSrc=-".to_string();
+        for (key, value) in labels {
+            path.push_str(&format!("&changes={}", query_value(&format!("LABEL {key}={value}"))));
+        }
+        let body = super::RequestBody { content_type: "application/x-tar", bytes: tar.into() };
+        let answer = self.call_body(Method::POST, &path, body).await?;
+        // A stream of JSON progress documents; the last one names the image, or the error.
+        let mut id = None;
+        for doc in serde_json::Deserializer::from_slice(&answer).into_iter::<serde_json::Value>() {
+            let doc = doc.context("POST /images/create: unexpected answer")?;
+            if let Some(error) = doc["error"].as_str().or(doc["errorDetail"]["message"].as_str()) {
+                anyhow::bail!(
+                    "POST /images/create: {}",
+                    crate::text::one_line(error, super::MAX_MESSAGE_CHARS)
+                );
+            }
+            if let Some(found) =
+                doc["id"].as_str().or(doc["status"].as_str().filter(|s| s.starts_with("sha256:")))
+            {
+                id = Some(found.to_string());
+            }
+        }
+        let id = id.context("POST /images/create answered without an image ID")?;
+        // Tagged separately: Podman 4.3 ignores `tag` on an import (it tags `:latest`).
+        let path = format!(
+            "/images/{}/tag?repo={}&tag={}",
+            path_segment(bare_id(&id))?,
+            query_value(repo),
+            query_value(tag)
+        );
+        self.call(Method::POST, &path, None).await?;
+        Ok(id)
+    }
+
+    /// Images whose name is in `repository`, with their tags.
+    pub async fn images_of(&self, repository: &str) -> Result<Vec<ImageSummary>> {
+        let filters = query_value(&serde_json::json!({ "reference": [repository] }).to_string());
+        self.call_json(Method::GET, &format!("/images/json?filters={filters}"), None).await
+    }
+}
+
+/// The text of a non-TTY container's log stream: frames of an 8-byte header (stream, 0 0 0,
+/// big-endian length) and a payload. A stream without that framing is returned as it is.
+fn demultiplex(body: &[u8]) -> String {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while rest.len() >= 8 && matches!(rest[0], 0..=2) && rest[1..4] == [0, 0, 0] {
+        let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+        let end = (8 + len).min(rest.len());
+        out.extend_from_slice(&rest[8..end]);
+        rest = &rest[end..];
+    }
+    out.extend_from_slice(rest);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -27,11 +27,13 @@ pub struct Context {
     pub settings: Settings,
     pub user: Account,
     pub system_bus: SystemBus,
+    /// Where the canary's result comes from: a round in place, or the daemon's runner.
+    pub canary: Arc<crate::canary::Handle>,
 }
 
 impl Context {
     pub fn new(root: Root, settings: Settings, user: Account) -> Self {
-        Context { root, settings, user, system_bus: SystemBus::default() }
+        Context { root, settings, user, system_bus: SystemBus::default(), canary: Arc::default() }
     }
 }
 
@@ -162,7 +164,9 @@ impl Step {
             // starts: give it the subordinate IDs and its configuration first.
             Step::PodmanSocket => &[Step::SubIds, Step::PodmanConfig, Step::Linger],
             Step::IdMapping => &[Step::SubIds, Step::PodmanSocket],
-            Step::Storage | Step::Canary => &[Step::PodmanSocket],
+            Step::Storage => &[Step::PodmanSocket],
+            // A round proves everything below the API: after whatever can change it.
+            Step::Canary => &[Step::PodmanSocket, Step::PodmanConfig, Step::IdMapping, Step::Storage],
             _ => &[],
         }
     }
@@ -182,7 +186,9 @@ impl Step {
     /// False for steps that only report (a missing tool, a drained node).
     pub fn repairs(self, cx: &Context) -> bool {
         match self {
-            Step::Drain | Step::Canary => false,
+            Step::Drain => false,
+            // Re-running the round is its "repair" in `apply`; the daemon's runner schedules its own.
+            Step::Canary => matches!(*cx.canary, crate::canary::Handle::Direct(_)),
             Step::HostTools => cx.settings.cgroups.fix_delegation,
             Step::PodmanConfig => cx.settings.podman_config.manage,
             _ => true,
@@ -194,7 +200,7 @@ impl Step {
         Step::ALL
             .into_iter()
             .filter(|s| cx.root.is_host() || !s.needs_live_system())
-            .filter(|s| *s != Step::Canary || !cx.settings.canary.image.is_empty())
+            .filter(|s| *s != Step::Canary || cx.settings.canary.enabled)
             .collect()
     }
 
@@ -216,7 +222,8 @@ impl Step {
     /// Makes the node match the configuration; returns what was changed.
     pub async fn converge(self, cx: &Context) -> Result<Vec<String>> {
         match self {
-            Step::Drain | Step::Canary => Ok(Vec::new()),
+            Step::Drain => Ok(Vec::new()),
+            Step::Canary => canary::converge(cx).await,
             Step::SubIds => subids::converge(cx).await,
             Step::UnprivilegedPorts => unprivileged_ports::converge(cx).await,
             Step::Linger => linger::converge(cx).await,

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "e2e_canary.rs"]
+mod canary;
 #[path = "e2e_fleet.rs"]
 mod fleet;
 
@@ -86,7 +88,7 @@ pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
         };
         let mut this = Tally::default();
         let started = Instant::now();
-        for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()) {
+        for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()) {
             eprintln!("\n==> e2e [{os}]: {name}");
             let t = Instant::now();
             suite.logs.clear();

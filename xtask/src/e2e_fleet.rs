@@ -1,6 +1,6 @@
 //! End-to-end scenarios of issue 6 (fleet-grade node health), each on a fresh node provisioned
 //! only by the Ignition config: drain, metrics, node identity, boot gating, storage GC, the
-//! canary, the runner user's Podman configuration, and the ID-mapping checks.
+//! runner user's Podman configuration, and the ID-mapping checks.
 //!
 //! A child module of `e2e` (declared there with `#[path = "e2e_fleet.rs"] mod fleet;`), so it
 //! shares the suite, the node helpers and the figures.
@@ -25,7 +25,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("fleet: /status carries the Afterburn identity", identity),
     ("fleet: boot gate holds boot-complete.target until ready", boot_gate),
     ("fleet: storage GC removes unused images, keeps used ones", storage_gc),
-    ("fleet: canary passes; a missing image only warns", canary),
     ("fleet: podman-config docker.sock link and credential helpers", podman_config),
     ("fleet: newuidmap setuid bit and a stale subuid mapping", id_mapping),
 ];
@@ -254,39 +253,6 @@ fn storage_gc(s: &mut Suite) -> Result<()> {
     let (ready, json) = node.readyz()?;
     ensure!(ready, "/readyz is 503 below not_ready_percent: {json}");
     ensure!(check(&json, "storage")?["ok"] == true, "storage check fails: {json}");
-    Ok(())
-}
-
-fn canary(s: &mut Suite) -> Result<()> {
-    const NAME: &str = "fleet: canary";
-    let mut node = s.ready_node(NAME)?;
-    node::import_test_image(&mut node)?;
-    write_drop_in(&node, "[canary]\nimage = \"localhost/busybox\"\n")?;
-    let t = Instant::now();
-    node.run(&["systemctl", "restart", "executor-agent"])?;
-    let c = wait_check(&mut node, "canary", |c| c["ok"] == true)?;
-    s.record(NAME, "restart to canary passing", t.elapsed());
-    let detail = c["detail"].as_str().unwrap_or_default();
-    ensure!(detail.contains("created and removed"), "canary detail: {detail}");
-    ensure!(c["required"] == false, "the canary is required by default: {c}");
-    eprintln!("    canary: {detail}");
-    // No container left behind.
-    let left = node.run_as_core("podman ps -a --format '{{.Names}}'")?;
-    ensure!(left.trim().is_empty(), "the canary left containers: {left}");
-    write_drop_in(&node, "[canary]\nimage = \"localhost/no-such-image\"\n")?;
-    let t = Instant::now();
-    node.run(&["systemctl", "restart", "executor-agent"])?;
-    let c = wait_check(&mut node, "canary", |c| c["ok"] == false && c["detail"] != "not checked yet")?;
-    s.record(NAME, "restart to canary failing (missing image)", t.elapsed());
-    eprintln!("    canary: {}", c["detail"]);
-    let (ready, json) = node.wait_readyz(true, WAIT, POLL).map(|(_, j)| (true, j))?;
-    ensure!(ready, "/readyz 503 for an advisory canary: {json}");
-    let status = status_text(&mut node)?;
-    ensure!(
-        status.starts_with("ready") && status.contains("warning"),
-        "StatusText has no warning: {status:?}"
-    );
-    eprintln!("    StatusText: {status}");
     Ok(())
 }
 

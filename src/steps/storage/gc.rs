@@ -24,6 +24,8 @@ pub fn unused_oldest_first(images: Vec<ImageSummary>, containers: &[ContainerSum
         // Engines that leave ImageID empty still name the image the container came from.
         .filter(|i| !used_names.contains(bare_id(&i.id)) && !used_names.contains(short_id(&i.id)))
         .filter(|i| !i.repo_tags.iter().flatten().any(|t| used_names.contains(t.as_str())))
+        // The canary's cached image is needed by the next round; old tags go with the import.
+        .filter(|i| !i.repo_tags.iter().flatten().any(|t| t.starts_with(crate::canary::image::REPOSITORY)))
         .collect();
     unused.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     unused
@@ -160,7 +162,16 @@ mod tests {
             container("bareid", ""),
             container("", "localhost/byname:latest"),
         ];
-        assert_eq!(ids(&unused_oldest_first(images, &containers)), ["old", "mid", "new"]);
+        assert_eq!(ids(&unused_oldest_first(images.clone(), &containers)), ["old", "mid", "new"]);
+        let mut with_canary = images;
+        let mut canary = image("canary", 1, 10, 0);
+        canary.repo_tags = Some(vec!["localhost/executor-agent-canary:0.1.0-00ff".into()]);
+        with_canary.push(canary);
+        assert_eq!(
+            ids(&unused_oldest_first(with_canary, &containers)),
+            ["old", "mid", "new"],
+            "the canary image is kept"
+        );
     }
 
     #[test]
