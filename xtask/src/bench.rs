@@ -10,6 +10,7 @@
 //! 4. the same node idle, then under a paced 5 req/s, while a lean node without the agent runs
 //!    the poll-only shell baseline (10 s interval) through the faults.
 
+mod canary;
 mod drift;
 mod load;
 mod procfs;
@@ -218,6 +219,11 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
     let leader = agent_node.leader()?;
     let probes = probe_cost(&mut agent_node, leader, &baseline_bin, &opts)?;
 
+    // 2b. The job canary's cost, on the same node (restarted with rounds every 20 s, then off).
+    eprintln!("==> canary cost: rounds every 20 s for 60 s, then the canary off for 60 s");
+    let canary_cost = canary::cost(&mut agent_node, leader, Duration::from_secs(60))?;
+    let leader = agent_node.leader()?;
+
     // 3. Drift on the same node.
     eprintln!("==> drift: {} rounds of {} faults, 10 ms prober", opts.faults, drift::ALL.len());
     let faults = drift::agent_faults(&mut agent_node, &drift::ALL, opts.faults, opts.verbose)?;
@@ -260,6 +266,7 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
         boots,
         boot_failures: failures,
         probes: probe_figures,
+        canary: canary_cost,
         faults,
         poller,
         footprint,
@@ -688,6 +695,7 @@ struct Report {
     /// Boots that did not get ready (not measured; another node was booted instead).
     boot_failures: Vec<(Variant, String)>,
     probes: ProbeFigures,
+    canary: canary::Cost,
     faults: Vec<drift::AgentFault>,
     poller: drift::PollerResult,
     footprint: Footprint,
@@ -796,6 +804,37 @@ impl Report {
 
         // 2. Probe cost.
         rows.extend(self.probes_rows());
+
+        // 2b. The canary's cost.
+        let c = &self.canary;
+        rows.push(row(
+            "2. canary round wall time (median of the window's rounds, cleanup included)",
+            summary_s(&c.round_s),
+            "–",
+            "–",
+            "–",
+            None,
+        ));
+        rows.push(row(
+            "2. canary CPU per round (every process of the node, beyond the node idle)",
+            format!("{:.3} s", c.cpu_per_round_s),
+            format!("{:.3} s with rounds, {:.3} s idle, per {:.0} s", c.cpu_with_s, c.cpu_idle_s, c.window_s),
+            "–",
+            "–",
+            None,
+        ));
+        rows.push(row(
+            "2. canary CPU per hour at the default 5 min interval (12 rounds)",
+            format!(
+                "{:.2} s ({:.3} % of a core)",
+                c.cpu_per_hour_at_default_s(),
+                c.cpu_per_hour_at_default_s() / 36.0
+            ),
+            "–",
+            "–",
+            "–",
+            None,
+        ));
 
         // 3. Drift.
         let model_detect_p95 = 0.95 * drift::POLL_INTERVAL_S as f64;

@@ -106,6 +106,8 @@ fn lean_podman_unit() -> String {
          ExecStart=/usr/sbin/runuser -l core -c 'systemctl --user enable --now podman.socket'\n\
          ExecStart=/usr/sbin/runuser -l core -c 'systemctl --user is-active podman.socket'\n\
          ExecStart=/usr/sbin/runuser -u core -- /usr/bin/curl -sSf --max-time 10 --unix-socket {sock} http://d/_ping\n\
+         # The agent's canary round, with the docker CLI through the same socket.\n\
+         ExecStart=/usr/sbin/runuser -u core -- /bin/sh {CANARY_SCRIPT}\n\
          RemainAfterExit=yes\n\
          TimeoutStartSec=60\n\n\
          [Install]\n\
@@ -113,6 +115,36 @@ fn lean_podman_unit() -> String {
         sock = node::PODMAN_SOCK
     )
 }
+
+/// Where the lean baseline's canary steps are on its node.
+const CANARY_SCRIPT: &str = "/usr/local/libexec/bench-canary.sh";
+
+/// The agent's canary round as shell: an image imported (never pulled), a per-round network
+/// with DNS, a service with an alias and a published port, a job that reaches it by alias and
+/// uses a named volume, the port reached from the host, everything removed; same limits.
+pub const CANARY_STEPS: &str = r#"#!/bin/sh
+# bench baseline: the executor-agent canary's steps, with the docker CLI through the socket.
+set -eu
+export DOCKER_HOST=unix:///run/user/1000/podman/podman.sock
+n=bench-canary-$$
+limits="--memory 64m --cpus 0.5 --pids-limit 32"
+docker image inspect localhost/bench-canary >/dev/null 2>&1 ||
+    docker import -q /opt/e2e/busybox.tar localhost/bench-canary >/dev/null
+docker network create "$n" >/dev/null
+docker volume create "$n" >/dev/null
+docker run -d --name "$n-service" --network "$n" --network-alias canary-service \
+    -p 127.0.0.1::8000 $limits localhost/bench-canary httpd -f -p 8000 -h /srv >/dev/null
+docker run --name "$n-job" --network "$n" -v "$n:/data" $limits localhost/bench-canary sh -c '
+    i=0; until wget -q -O /dev/null http://canary-service:8000/; do
+        i=$((i+1)); [ $i -lt 100 ] || exit 21; sleep 0.1; done
+    echo ok > /data/f && cat /data/f >/dev/null'
+port=$(docker port "$n-service" 8000/tcp | head -n 1 | sed 's/.*://')
+i=0; until curl -sf -o /dev/null "http://127.0.0.1:$port/"; do
+    i=$((i+1)); [ $i -lt 50 ] || exit 1; sleep 0.1; done
+docker rm -f "$n-job" "$n-service" >/dev/null
+docker volume rm "$n" >/dev/null
+docker network rm "$n" >/dev/null
+"#;
 
 /// Touches a marker once the measured unit has finished (or failed), so the host knows when to
 /// read the timestamps without polling the node. Ordered after it: it changes none of its times.
@@ -163,6 +195,13 @@ pub fn extras(variant: Variant, agent_log: Option<&str>) -> Extras {
         }
     }
     let mut extras = Extras::default();
+    if variant == Variant::Lean {
+        extras.files.push(File {
+            node: NodeFields { path: CANARY_SCRIPT.into(), ..NodeFields::default() },
+            mode: Some(0o755),
+            contents: Some(Resource { inline: Some(CANARY_STEPS.into()), ..Resource::default() }),
+        });
+    }
     if let (Variant::Agent, Some(level)) = (variant, agent_log) {
         extras.files.push(File {
             node: NodeFields {
