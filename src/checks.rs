@@ -26,6 +26,9 @@ pub const ALL_CHECKS: [&str; 14] = [
     "canary",
 ];
 
+/// The longest detail a check carries (a status line carries one, the JSON answers all).
+pub const MAX_DETAIL_CHARS: usize = 1000;
+
 /// Checks that warn rather than decide readiness unless configured otherwise.
 const ADVISORY_BY_DEFAULT: [&str; 2] = ["cgroup-delegation", "docker-cli"];
 
@@ -180,7 +183,11 @@ impl CheckSet {
     /// number of disagreeing observations in a row.
     pub fn record(&mut self, observations: Vec<Observation>, now: SystemTime) -> Vec<Transition> {
         let mut transitions = Vec::new();
-        for obs in observations {
+        for mut obs in observations {
+            // The one door every detail passes on its way to STATUS=, HTTP and the journal:
+            // whatever a step quoted (Podman's messages, a file the runner user controls)
+            // leaves it as one bounded line.
+            obs.detail = crate::text::one_line(&obs.detail, MAX_DETAIL_CHARS);
             let index = match self.checks.iter().position(|c| c.name == obs.name) {
                 Some(i) => i,
                 None => {
@@ -348,6 +355,18 @@ mod tests {
         assert_eq!(set.status_line(), "ready: 6/6 checks pass; warning: docker-cli: no docker on PATH");
         let docker = set.checks().iter().find(|c| c.name == "docker-cli").unwrap();
         assert!(!docker.required && !docker.ok);
+    }
+
+    #[test]
+    fn details_reach_every_door_as_one_bounded_line() {
+        let mut set = CheckSet::default();
+        let hostile = format!("cgroup_manager \"x\nMAINPID=1\nREADY=1\x1b[2J\" {}", "y".repeat(5000));
+        set.record(vec![Observation::fail("podman-config", hostile)], SystemTime::UNIX_EPOCH);
+        let detail = &set.checks()[0].detail;
+        assert!(!detail.contains(['\n', '\r', '\x1b']), "{detail:?}");
+        assert!(detail.starts_with("cgroup_manager \"x MAINPID=1 READY=1 [2J\""), "{detail}");
+        assert_eq!(detail.chars().count(), MAX_DETAIL_CHARS);
+        assert!(!set.status_line().contains('\n'));
     }
 
     #[test]

@@ -180,6 +180,7 @@ async fn one_pass(
     let mut changed = reporter.publish(observed);
     let pass = repair_pass(cx, steps, seen, backoff).await;
     for (step, change) in &pass.changes {
+        let change = crate::text::one_line(change, crate::checks::MAX_DETAIL_CHARS);
         tracing::info!(message_id = journal::NODE_CHANGED, step = step.name(), "{change}");
     }
     for step in &pass.attempted {
@@ -445,6 +446,7 @@ pub async fn run(mut cx: Context) -> Result<()> {
                         reporter.canary_round(report);
                     }
                     for change in &latest.repairs {
+                        let change = crate::text::one_line(change, crate::checks::MAX_DETAIL_CHARS);
                         tracing::info!(message_id = journal::NODE_CHANGED, step = crate::canary::CHECK, "{change}");
                     }
                 }

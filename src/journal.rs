@@ -54,14 +54,19 @@ pub fn init() {
         .init();
 }
 
-/// `outer -> cause -> root cause`, the one-line chain zincati logs after `error: `.
+/// The longest error chain the agent logs or prints (causes may quote what the runner user
+/// controls: Podman's messages, its files' names).
+const MAX_CHAIN_CHARS: usize = 2000;
+
+/// `outer -> cause -> root cause`, the one-line chain zincati logs after `error: `; one
+/// bounded line whatever the causes hold.
 pub fn chain(error: &anyhow::Error) -> String {
-    join_causes(error, " -> ")
+    crate::text::one_line(&join_causes(error, " -> "), MAX_CHAIN_CHARS)
 }
 
-/// `outer: cause: root cause`, for a check's detail.
+/// `outer: cause: root cause`, for a check's detail; one bounded line.
 pub fn detail(error: &anyhow::Error) -> String {
-    join_causes(error, ": ")
+    crate::text::one_line(&join_causes(error, ": "), MAX_CHAIN_CHARS)
 }
 
 /// Joins an error's causes, skipping a cause whose text the previous one already ends with
