@@ -1,7 +1,10 @@
 //! The Ignition config: render `ignition/executor-agent.bu` to `.ign` (production and local
 //! variants), keep the `.bu` in step with the unit file and `release.toml`, validate, and `dist`.
+//! The production config has one variant per architecture: `executor-agent.bu` (x86_64) and
+//! `executor-agent-aarch64.bu`, written from it with the aarch64 binary's URL and hash.
 
 use crate::butane::{self, Config, Resource};
+use crate::cross;
 use crate::host;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -20,14 +23,52 @@ const UNITS: [(&str, &str); 2] = [
 /// Where the configuration goes on the node.
 pub const CONFIG_PATH: &str = "/etc/executor-agent/config.toml";
 
-/// The Butane source.
-pub fn butane_path() -> PathBuf {
-    host::repo_root().join("ignition/executor-agent.bu")
+/// A production variant: the Butane source and its committed rendering for one architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// `uname -m` of the nodes it is for.
+    pub arch: &'static str,
+    /// The Rust target of the binary it installs (its entry in release.toml).
+    pub target: &'static str,
+    butane: &'static str,
+    ign: &'static str,
 }
 
-/// The committed rendering of the production variant.
-pub fn ign_path() -> PathBuf {
-    host::repo_root().join("ignition/executor-agent.ign")
+/// x86_64: the one Butane source that is edited by hand (and merged into operators' configs).
+pub const X86_64: Variant = Variant {
+    arch: "x86_64",
+    target: cross::X86_64,
+    butane: "ignition/executor-agent.bu",
+    ign: "ignition/executor-agent.ign",
+};
+
+/// aarch64 (ARM64/Graviton): written by `cargo xtask ignition` from the x86_64 source, with
+/// only the binary's URL and hash changed.
+pub const AARCH64: Variant = Variant {
+    arch: "aarch64",
+    target: cross::AARCH64,
+    butane: "ignition/executor-agent-aarch64.bu",
+    ign: "ignition/executor-agent-aarch64.ign",
+};
+
+/// Every production variant.
+pub const VARIANTS: [Variant; 2] = [X86_64, AARCH64];
+
+impl Variant {
+    /// Its Butane source.
+    pub fn butane_path(&self) -> PathBuf {
+        host::repo_root().join(self.butane)
+    }
+
+    /// Its committed rendering.
+    pub fn ign_path(&self) -> PathBuf {
+        host::repo_root().join(self.ign)
+    }
+}
+
+/// The hand-edited Butane source (x86_64).
+pub fn butane_path() -> PathBuf {
+    X86_64.butane_path()
 }
 
 fn release_path() -> PathBuf {
@@ -44,13 +85,22 @@ fn unit_path() -> PathBuf {
     host::repo_root().join(UNITS[0].1)
 }
 
-/// `ignition/release.toml`: the released binary that the production variant downloads.
+/// `ignition/release.toml`: the released binaries that the production variants download.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Release {
     pub version: String,
-    pub target: String,
     pub url_base: String,
+    /// One per target, in the order of [`VARIANTS`].
+    #[serde(rename = "binary")]
+    pub binaries: Vec<Binary>,
+}
+
+/// One released binary (`[[binary]]` in release.toml).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Binary {
+    pub target: String,
     pub file: String,
     pub url: String,
     pub sha512: String,
@@ -64,43 +114,59 @@ impl Release {
             .with_context(|| format!("{} is not a valid release file", release_path().display()))
     }
 
+    /// The binary for `target`.
+    pub fn binary(&self, target: &str) -> Result<&Binary> {
+        self.binaries.iter().find(|b| b.target == target).with_context(|| {
+            format!("{} has no [[binary]] for {target}: run `cargo xtask dist`", release_path().display())
+        })
+    }
+
     fn render(&self) -> String {
-        format!(
-            "# The released executor-agent binary that ignition/executor-agent.bu installs on production nodes.\n\
-             # Written by `cargo xtask dist` from the binary it built: publish exactly target/dist/{file}\n\
-             # at `url`, or the node's Ignition refuses it (verification.hash is the sha512 below).\n\
+        let mut out = format!(
+            "# The released executor-agent binaries that the production Ignition configs install, one per\n\
+             # architecture (ignition/executor-agent.bu: x86_64, ignition/executor-agent-aarch64.bu: aarch64).\n\
+             # Written by `cargo xtask dist` from the binaries it built: publish exactly target/dist/<file>\n\
+             # at its `url`, or the node's Ignition refuses it (verification.hash is the sha512 below).\n\
              version = \"{version}\"\n\
-             target = \"{target}\"\n\
-             url_base = \"{url_base}\"\n\
-             file = \"{file}\"\n\
-             url = \"{url}\"\n\
-             sha512 = \"{sha512}\"\n\
-             size = {size}\n",
+             url_base = \"{url_base}\"\n",
             version = self.version,
-            target = self.target,
             url_base = self.url_base,
-            file = self.file,
-            url = self.url,
-            sha512 = self.sha512,
-            size = self.size,
-        )
+        );
+        for b in &self.binaries {
+            out.push_str(&format!(
+                "\n[[binary]]\n\
+                 target = \"{target}\"\n\
+                 file = \"{file}\"\n\
+                 url = \"{url}\"\n\
+                 sha512 = \"{sha512}\"\n\
+                 size = {size}\n",
+                target = b.target,
+                file = b.file,
+                url = b.url,
+                sha512 = b.sha512,
+                size = b.size,
+            ));
+        }
+        out
     }
 }
 
-/// Parses the Butane source and checks that it matches the unit file and release.toml.
-pub fn load_source() -> Result<Config> {
-    let config = parse_source()?;
-    check_in_step(&config)?;
+/// Parses a variant's Butane source and checks that it matches the unit file and release.toml.
+pub fn load_source(variant: &Variant) -> Result<Config> {
+    let config = parse_source(variant)?;
+    check_in_step(&config, variant)?;
     Ok(config)
 }
 
-fn parse_source() -> Result<Config> {
-    let text = host::read_string(butane_path())?;
-    Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", butane_path().display()))
+fn parse_source(variant: &Variant) -> Result<Config> {
+    let path = variant.butane_path();
+    let text = host::read_string(&path)?;
+    Config::parse(&text).with_context(|| format!("{} is not valid for the renderer", path.display()))
 }
 
-/// The `.bu` must carry the unit files verbatim and release.toml's URL and hash.
-fn check_in_step(config: &Config) -> Result<()> {
+/// The `.bu` must carry the unit files verbatim and release.toml's URL and hash for its target.
+fn check_in_step(config: &Config, variant: &Variant) -> Result<()> {
+    let butane_path = || variant.butane_path();
     for (name, file) in UNITS {
         let unit_file = host::read_string(host::repo_root().join(file))?;
         let unit = config
@@ -129,6 +195,7 @@ fn check_in_step(config: &Config) -> Result<()> {
         );
     }
     let release = Release::load()?;
+    let release = release.binary(variant.target)?;
     let file = config
         .files
         .iter()
@@ -151,9 +218,9 @@ fn check_in_step(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The production variant as Butane would print it (`butane --pretty --strict`).
-pub fn render_production() -> Result<String> {
-    let config = load_source()?;
+/// A production variant as Butane would print it (`butane --pretty --strict`).
+pub fn render_production(variant: &Variant) -> Result<String> {
+    let config = load_source(variant)?;
     let json = config.to_ignition(None)?;
     Ok(json.to_pretty() + "\n")
 }
@@ -171,8 +238,8 @@ pub struct Extras {
 /// The unit comes from systemd/executor-agent.service as it is now, so a node always tests the
 /// working tree (a stale `.bu` only warns here; `ignition --check` and the tests fail on it).
 pub fn render_local(binary: &Path, extras: &Extras, work: &Path) -> Result<PathBuf> {
-    let mut config = parse_source()?;
-    if let Err(e) = check_in_step(&config) {
+    let mut config = parse_source(&X86_64)?;
+    if let Err(e) = check_in_step(&config, &X86_64) {
         eprintln!("warning: {e:#}");
     }
     for (name, file) in UNITS {
@@ -227,21 +294,68 @@ pub fn sha512_hex(data: &[u8]) -> String {
     Sha512::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `cargo xtask ignition [--check]`.
+/// `cargo xtask ignition [--check]`: every production variant (x86_64, aarch64).
 pub fn cmd_ignition(check: bool) -> Result<()> {
     if check {
-        let fresh = render_production()?;
-        let committed = host::read_string(ign_path())?;
-        if fresh != committed {
-            bail!("{} is stale: run `cargo xtask ignition` and commit the result", ign_path().display());
+        let derived = derive_aarch64_source()?;
+        if derived != host::read_string(AARCH64.butane_path())? {
+            bail!(
+                "{} is stale: run `cargo xtask ignition` and commit the result",
+                AARCH64.butane_path().display()
+            );
         }
-        eprintln!("ok: {} is what {} renders to", ign_path().display(), butane_path().display());
+        for variant in VARIANTS {
+            let fresh = render_production(&variant)?;
+            let committed = host::read_string(variant.ign_path())?;
+            if fresh != committed {
+                bail!(
+                    "{} is stale: run `cargo xtask ignition` and commit the result",
+                    variant.ign_path().display()
+                );
+            }
+            eprintln!(
+                "ok: {} is what {} renders to",
+                variant.ign_path().display(),
+                variant.butane_path().display()
+            );
+        }
     } else {
         sync_into_source()?;
-        host::write(ign_path(), render_production()?)?;
-        eprintln!("wrote {}", ign_path().display());
+        host::write(AARCH64.butane_path(), derive_aarch64_source()?)?;
+        for variant in VARIANTS {
+            host::write(variant.ign_path(), render_production(&variant)?)?;
+            eprintln!("wrote {}", variant.ign_path().display());
+        }
     }
-    validate_if_possible(&ign_path())
+    for variant in VARIANTS {
+        validate_if_possible(&variant.ign_path())?;
+    }
+    Ok(())
+}
+
+/// The aarch64 source's header; the x86_64 source follows, from its `variant:` line on.
+const AARCH64_HEADER: &str = "\
+# executor-agent on Fedora CoreOS, aarch64 (ARM64/Graviton) nodes. WRITTEN by `cargo xtask
+# ignition` from ignition/executor-agent.bu (edit that file, then run it): the same config, but
+# the binary entry installs the aarch64 build recorded in ignition/release.toml.
+# Render it alone with
+#   butane --strict --pretty ignition/executor-agent-aarch64.bu > executor-agent-aarch64.ign
+# or merge its entries into your own aarch64 Butane config; see ignition/README.md.
+";
+
+/// The aarch64 source: the x86_64 one from its `variant:` line, with the aarch64 binary's URL
+/// and hash from release.toml and its own header.
+fn derive_aarch64_source() -> Result<String> {
+    let source = host::read_string(X86_64.butane_path())?;
+    let body_at = source
+        .find("\nvariant:")
+        .map(|i| i + 1)
+        .or_else(|| source.starts_with("variant:").then_some(0))
+        .with_context(|| format!("no `variant:` line in {}", X86_64.butane_path().display()))?;
+    let release = Release::load()?;
+    let binary = release.binary(AARCH64.target)?;
+    let body = set_binary_source(&source[body_at..], &binary.url, &format!("sha512-{}", binary.sha512))?;
+    Ok(format!("{AARCH64_HEADER}{body}"))
 }
 
 /// Validates when `ignition-validate` is there; as root, installs it first.
@@ -362,8 +476,9 @@ fn indent(line: &str) -> usize {
     line.len() - line.trim_start_matches(' ').len()
 }
 
-/// `cargo xtask dist [--url-base URL]`: builds the release binary into target/dist, records it
-/// in release.toml, points the `.bu` at it and re-renders the `.ign`.
+/// `cargo xtask dist [--url-base URL]`: builds the release binary of every variant's target
+/// into target/dist, records them in release.toml, points each `.bu` at its binary and
+/// re-renders the `.ign` files.
 pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
     let manifest = host::read_string(host::repo_root().join("Cargo.toml"))?;
     let manifest: toml::Table = toml::from_str(&manifest).context("Cargo.toml is not valid TOML")?;
@@ -382,38 +497,42 @@ pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
     if !url_base.starts_with("https://") {
         bail!("the release URL base must be https:// (got {url_base})");
     }
-    let binary = host::build_agent()?;
-    let data = host::read(&binary)?;
-    let target = "x86_64-unknown-linux-gnu".to_string();
-    if std::env::consts::ARCH != "x86_64" {
-        bail!("dist builds for the host; this host is {}, not x86_64", std::env::consts::ARCH);
-    }
-    let file = format!("executor-agent-{version}-{target}");
     let dist = host::target_dir().join("dist");
-    host::write(dist.join(&file), &data)?;
-    let sha512 = sha512_hex(&data);
-    host::write(dist.join(format!("{file}.sha512")), format!("{sha512}  {file}\n"))?;
-    let new = Release {
-        url: format!("{url_base}/v{version}/{file}"),
-        version,
-        target,
-        url_base,
-        file,
-        sha512,
-        size: data.len() as u64,
-    };
+    let mut binaries = Vec::new();
+    for variant in VARIANTS {
+        let data = host::read(cross::build_release(variant.target)?)?;
+        let file = format!("executor-agent-{version}-{}", variant.target);
+        host::write(dist.join(&file), &data)?;
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(dist.join(&file), mode)
+            .with_context(|| format!("cannot make {} executable", dist.join(&file).display()))?;
+        let sha512 = sha512_hex(&data);
+        host::write(dist.join(format!("{file}.sha512")), format!("{sha512}  {file}\n"))?;
+        binaries.push(Binary {
+            target: variant.target.to_string(),
+            url: format!("{url_base}/v{version}/{file}"),
+            file,
+            sha512,
+            size: data.len() as u64,
+        });
+    }
+    let new = Release { version, url_base, binaries };
+    // The x86_64 source by hand-style text surgery; `cmd_ignition` writes the aarch64 one from it.
+    let x86 = new.binary(X86_64.target)?;
     let source = host::read_string(butane_path())?;
-    let updated = set_binary_source(&source, &new.url, &format!("sha512-{}", new.sha512))?;
+    let updated = set_binary_source(&source, &x86.url, &format!("sha512-{}", x86.sha512))?;
     host::write(release_path(), new.render())?;
     host::write(butane_path(), updated)?;
     cmd_ignition(false)?;
-    eprintln!(
-        "dist: {} ({} bytes, sha512 {})\n      publish it at {}",
-        dist.join(&new.file).display(),
-        new.size,
-        new.sha512,
-        new.url
-    );
+    for b in &new.binaries {
+        eprintln!(
+            "dist: {} ({} bytes, sha512 {})\n      publish it at {}",
+            dist.join(&b.file).display(),
+            b.size,
+            b.sha512,
+            b.url
+        );
+    }
     Ok(())
 }
 
@@ -421,19 +540,54 @@ pub fn cmd_dist(url_base: Option<String>) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// The committed `.ign` is exactly what the `.bu` renders to (fails when it is stale).
+    /// Every committed `.ign` is exactly what its `.bu` renders to, and the aarch64 `.bu` is what
+    /// the x86_64 one gives (fails when one is stale).
     #[test]
     fn committed_ignition_matches_a_fresh_render() {
-        let fresh = render_production().expect("the Butane source renders");
-        let committed =
-            std::fs::read_to_string(ign_path()).expect("ignition/executor-agent.ign is committed");
-        assert!(fresh == committed, "ignition/executor-agent.ign is stale: run `cargo xtask ignition`");
+        for variant in VARIANTS {
+            let fresh = render_production(&variant).expect("the Butane source renders");
+            let committed = std::fs::read_to_string(variant.ign_path()).expect("the .ign is committed");
+            assert!(fresh == committed, "{} is stale: run `cargo xtask ignition`", variant.ign);
+        }
+        let derived = derive_aarch64_source().unwrap();
+        let committed = std::fs::read_to_string(AARCH64.butane_path()).expect("the aarch64 .bu is committed");
+        assert!(derived == committed, "{} is stale: run `cargo xtask ignition`", AARCH64.butane);
+    }
+
+    /// The variants differ in the binary's URL and hash only, and each names its own target.
+    #[test]
+    fn variants_differ_only_in_the_binary() {
+        let release = Release::load().unwrap();
+        let mut rendered = Vec::new();
+        for variant in VARIANTS {
+            let mut json: serde_json::Value =
+                serde_json::from_str(&render_production(&variant).unwrap()).unwrap();
+            let files = json["storage"]["files"].as_array_mut().unwrap();
+            let bin = files.iter_mut().find(|f| f["path"] == AGENT_PATH).unwrap();
+            let binary = release.binary(variant.target).unwrap();
+            assert_eq!(bin["contents"]["source"], binary.url.as_str());
+            assert!(binary.url.ends_with(&format!("-{}", variant.target)), "{}", binary.url);
+            assert_eq!(bin["contents"]["verification"]["hash"], format!("sha512-{}", binary.sha512).as_str());
+            bin["contents"] = serde_json::Value::Null;
+            rendered.push(json);
+        }
+        assert_eq!(rendered[0], rendered[1]);
+        assert_ne!(
+            release.binary(cross::X86_64).unwrap().sha512,
+            release.binary(cross::AARCH64).unwrap().sha512
+        );
     }
 
     /// The production config installs what the issue asks for and nothing under /usr but /usr/local.
     #[test]
     fn production_config_installs_binary_unit_and_config() {
-        let json: serde_json::Value = serde_json::from_str(&render_production().unwrap()).unwrap();
+        for variant in VARIANTS {
+            production_variant_installs_binary_unit_and_config(&variant);
+        }
+    }
+
+    fn production_variant_installs_binary_unit_and_config(variant: &Variant) {
+        let json: serde_json::Value = serde_json::from_str(&render_production(variant).unwrap()).unwrap();
         assert_eq!(json["ignition"]["version"], "3.3.0");
         let files = json["storage"]["files"].as_array().unwrap();
         let bin = files.iter().find(|f| f["path"] == AGENT_PATH).unwrap();
@@ -460,8 +614,13 @@ mod tests {
     /// from ours and between Go releases) makes the same choice.
     #[test]
     fn embedded_payloads_decode_and_the_gzip_choice_is_clear() {
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ign_path()).unwrap()).unwrap();
+        for variant in VARIANTS {
+            embedded_payloads_decode(variant.ign_path());
+        }
+    }
+
+    fn embedded_payloads_decode(ign: PathBuf) {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ign).unwrap()).unwrap();
         let file =
             json["storage"]["files"].as_array().unwrap().iter().find(|f| f["path"] == CONFIG_PATH).unwrap();
         let source = file["contents"]["source"].as_str().unwrap();
@@ -507,8 +666,14 @@ mod tests {
     fn release_file_round_trips() {
         let r = Release::load().unwrap();
         assert_eq!(toml::from_str::<Release>(&r.render()).unwrap(), r);
-        assert_eq!(r.url, format!("{}/v{}/{}", r.url_base, r.version, r.file));
-        assert_eq!(r.sha512.len(), 128);
+        assert_eq!(r.render(), std::fs::read_to_string(release_path()).unwrap());
+        let targets: Vec<&str> = r.binaries.iter().map(|b| b.target.as_str()).collect();
+        assert_eq!(targets, VARIANTS.map(|v| v.target));
+        for b in &r.binaries {
+            assert_eq!(b.file, format!("executor-agent-{}-{}", r.version, b.target));
+            assert_eq!(b.url, format!("{}/v{}/{}", r.url_base, r.version, b.file));
+            assert_eq!(b.sha512.len(), 128);
+        }
     }
 
     #[test]

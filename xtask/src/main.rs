@@ -2,6 +2,7 @@
 
 mod bench;
 mod butane;
+mod cross;
 mod e2e;
 mod faults;
 mod fuzz;
@@ -20,10 +21,12 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  ignition [--check]   render ignition/executor-agent.bu to ignition/executor-agent.ign
-                       (--check: fail when the committed .ign is stale); runs ignition-validate
-  dist [--url-base U]  build the release binary into target/dist, record its URL and sha512 in
-                       ignition/release.toml and the .bu, re-render the .ign
+  ignition [--check]   render ignition/executor-agent.bu to ignition/executor-agent.ign, write
+                       the aarch64 variant (executor-agent-aarch64.bu) from it and render it
+                       (--check: fail when a committed file is stale); runs ignition-validate
+  dist [--url-base U]  build the release binaries (x86_64, aarch64) into target/dist, record
+                       their URLs and sha512s in ignition/release.toml and the .bu files,
+                       re-render the .ign files
   node [--os OS]       (root) boot a local throwaway node (OS: bookworm, the default, or trixie)
                        provisioned by the Ignition config with the freshly built agent, wait
                        until it is ready and show it; it replaces a running one
@@ -37,8 +40,10 @@ commands:
                        a fresh node, on each OS in turn (default all; --list names them)
   bench [OPTIONS]      (root) time to ready, probe cost, drift and footprint, each against a
                        baseline in the same run; writes docs/performance.md
+  cross-test           the aarch64 release build, the unit tests built for aarch64 and run
+                       under qemu-user, and the aarch64 binary's --version and config
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
-                       ignition-validate, e2e and faults on bookworm and trixie
+                       ignition-validate, cross-test, e2e and faults on bookworm and trixie
 
 OS: bookworm (debian12, 12) or trixie (debian13, 13); e2e and faults also take `all`.
 
@@ -77,6 +82,7 @@ fn real_main() -> Result<()> {
             e2e::cmd_e2e(&oses)
         }
         ["test"] => cmd_test(),
+        ["cross-test"] => cross::cmd_cross_test(),
         ["fuzz", rest @ ..] => fuzz::cmd_fuzz(rest),
         ["faults", rest @ ..] => {
             let (oses, cases) = take_os(rest, Os::ALL)?;
@@ -147,8 +153,15 @@ fn cmd_test() -> Result<()> {
     host::require_root("cargo xtask test")?;
     host::ensure_packages(host::NODE_HOST_PACKAGES)?;
     host::ensure_packages(host::TEST_HOST_PACKAGES)?;
+    cross::ensure_toolchain(cross::AARCH64)?;
+    let cross_log = host::target_dir().join("cross-test.log");
     std::thread::scope(|s| {
         let trees = s.spawn(|| tree::ensure_all(Os::ALL));
+        // aarch64: the release build and the unit tests under qemu-user, beside the rest (it
+        // overlaps the tree build's downloads and the one-at-a-time tests), logged to a file so
+        // the outputs do not interleave; joined before any node boots.
+        eprintln!("==> cargo xtask cross-test, beside the checks (log: {})", cross_log.display());
+        let cross = s.spawn(|| cross::run(Some(&cross_log)));
         let checks = (|| {
             // With fail points: the SIGKILL-at-every-step tests need them (release builds have none).
             // One test at a time: the file-fault tests mount tiny file systems and race real
@@ -170,6 +183,18 @@ fn cmd_test() -> Result<()> {
         })();
         let trees = trees.join().map_err(|_| anyhow::anyhow!("building the node trees panicked"))??;
         let agent = checks?;
+        let waited = std::time::Instant::now();
+        let cross = cross.join().map_err(|_| anyhow::anyhow!("cross-test panicked"))?;
+        eprintln!(
+            "==> cross-test (aarch64): waited {:.0} s for it after the checks",
+            waited.elapsed().as_secs_f64()
+        );
+        if let Err(e) = cross {
+            let log = std::fs::read_to_string(&cross_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            return Err(e.context(format!("cross-test failed (whole log: {})", cross_log.display())));
+        }
         let mut tally = Tally::default();
         eprintln!("==> cargo xtask e2e --os all");
         let e2e = e2e::run(&agent, &trees);
