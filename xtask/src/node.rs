@@ -181,14 +181,25 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if detach {
-            // SAFETY: setsid is async-signal-safe and only affects the child.
-            unsafe {
-                cmd.pre_exec(|| {
+        // Its own cgroup, so that nspawn's `payload` (where the node's systemd builds its tree)
+        // is the node's alone: see [`own_cgroups`].
+        let procs = own_cgroups(&self.name);
+        // SAFETY: only async-signal-safe calls (open, write, close, setsid) on data prepared
+        // before the fork; they only affect the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
+                if detach {
                     libc::setsid();
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         self.boot_started_us = monotonic_us();
         self.boot_started = Some(Instant::now());
@@ -438,6 +449,7 @@ impl Node {
             let _ = child.wait();
         }
         self.nspawn_pid = None;
+        remove_cgroups(&self.name);
     }
 
     /// Powers off (kill on timeout) and deletes the copy, its work files and pid file.
@@ -477,6 +489,83 @@ impl Drop for Node {
             if let Err(e) = self.destroy() {
                 eprintln!("warning: cleaning up node {}: {e:#}", self.name);
             }
+        }
+    }
+}
+
+/// The cgroup hierarchies a node's systemd manages under this host's nspawn (hybrid: the named
+/// systemd one and the unified one; the controllers stay read-only inside).
+const CGROUP_MOUNTS: &[&str] = &["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"];
+
+/// This process's cgroup in the hierarchy mounted at `mount` (from /proc/self/cgroup).
+fn own_cgroup(mount: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let want = if mount.ends_with("/unified") { "" } else { "name=systemd" };
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        (controllers == want).then(|| path.to_string())
+    })
+}
+
+/// Where node `name`'s cgroups go: `xtask-node-<name>` under this process's cgroup, in each
+/// hierarchy of [`CGROUP_MOUNTS`] that is mounted.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    CGROUP_MOUNTS
+        .iter()
+        .filter(|m| Path::new(m).join("cgroup.procs").exists())
+        .filter_map(|m| {
+            let own = own_cgroup(m)?;
+            Some(Path::new(m).join(own.trim_start_matches('/')).join(format!("xtask-node-{name}")))
+        })
+        .collect()
+}
+
+/// Makes node `name`'s own cgroups and returns their `cgroup.procs` files, for the nspawn child
+/// to move itself into before exec.
+///
+/// With no systemd on the host, `--keep-unit` leaves nspawn in its caller's cgroup, and nspawn
+/// puts the node into `<that cgroup>/payload`: every node booted from the same cgroup would
+/// share one `payload`, so the nodes' systemds would build the same `system.slice` and
+/// `user.slice/user-1000.slice/user@1000.service` cgroups. A node then sees another node's
+/// processes in its units' cgroups (which it cannot kill, they are in another PID namespace):
+/// stopping user@1000.service waits its whole timeout ("Processes still around after final
+/// SIGKILL") and poweroff takes minutes. A node's own cgroup avoids that.
+fn own_cgroups(name: &str) -> Vec<std::ffi::CString> {
+    remove_cgroups(name);
+    cgroup_dirs(name)
+        .into_iter()
+        .filter(|dir| match std::fs::create_dir_all(dir) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot create the cgroup {}: {e}; the node shares its caller's",
+                    dir.display()
+                );
+                false
+            }
+        })
+        .filter_map(|dir| {
+            std::ffi::CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok()
+        })
+        .collect()
+}
+
+/// Removes node `name`'s cgroups (empty once the node is gone), deepest first.
+fn remove_cgroups(name: &str) {
+    fn remove_tree(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    for dir in cgroup_dirs(name) {
+        if dir.exists() {
+            remove_tree(&dir);
         }
     }
 }
