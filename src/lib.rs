@@ -21,4 +21,5 @@ pub mod subid;
 pub mod systemd;
 pub mod text;
 pub mod user_manager;
+pub mod userfs;
 pub mod watch;

@@ -33,6 +33,20 @@ impl AsRawFd for InotifyFd {
     }
 }
 
+/// What every watch asks for: changes of entries, the directory itself going away, and
+/// neither following a final symlink nor watching anything but a directory.
+fn watch_flags() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_DONT_FOLLOW
+        | AddWatchFlags::IN_ONLYDIR
+}
+
 /// Inotify on the directories that hold what the steps manage. Directories that do not exist
 /// yet (the socket's, before podman.socket first starts) are added by `arm` on a later pass.
 pub struct FileWatcher {
@@ -51,17 +65,15 @@ impl FileWatcher {
     }
 
     /// (Re-)adds watches; adding an existing watch is a cheap no-op for the kernel.
+    ///
+    /// Some watched directories are the runner user's (`/run/user/UID/podman`,
+    /// `~/.config/containers`): `IN_DONT_FOLLOW` and `IN_ONLYDIR` make a name the user replaced
+    /// with a symlink (to a directory of root's, say) fail to be watched instead of watching
+    /// where it points. The next `arm` after the user puts a directory back watches it again.
     pub fn arm(&self, dirs: &[WatchedDir]) {
-        let flags = AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_DELETE_SELF
-            | AddWatchFlags::IN_MOVE_SELF;
         let mut watched = self.watched.lock().unwrap();
         for dir in dirs {
-            if let Ok(wd) = self.fd.get_ref().0.add_watch(&dir.dir, flags) {
+            if let Ok(wd) = self.fd.get_ref().0.add_watch(&dir.dir, watch_flags()) {
                 watched.insert(wd, dir.clone());
             }
         }
@@ -212,5 +224,37 @@ impl UserWatch {
 impl Drop for UserWatch {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_symlink_or_a_file_in_place_of_a_watched_directory_is_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("podman");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let watched = |dir: &std::path::Path| WatchedDir { dir: dir.to_path_buf(), names: vec![] };
+
+        let files = FileWatcher::new().unwrap();
+        files.arm(&[watched(&link), watched(&file)]);
+        assert!(files.watched.lock().unwrap().is_empty(), "a link or a file was watched");
+        files.arm(&[watched(&real)]);
+        assert_eq!(
+            files.watched.lock().unwrap().values().map(|w| w.dir.clone()).collect::<Vec<_>>(),
+            std::slice::from_ref(&real)
+        );
+
+        // Changes in the real directory wake the loop.
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(files.clone().run(wake.clone()));
+        std::fs::write(real.join("podman.sock"), "").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), wake.notified()).await.expect("no wake-up");
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use super::{Context, Inspection};
 use crate::checks::Observation;
 use crate::subid::{self, IdKind, IdRange};
-use crate::{podman_api, user_manager};
+use crate::{podman_api, user_manager, userfs};
 
 const MAPPING_CHECK: &str = "subuid-mapping";
 const HELPERS_CHECK: &str = "newuidmap";
@@ -262,87 +262,132 @@ pub enum Namespace {
     },
 }
 
-/// Reads `/proc/PID/<name>`; the reader differs between root and the user.
+/// Bound on `pause.pid`: a PID and a newline.
+pub const MAX_PID_FILE: u64 = 64;
+/// Bound on `/proc/PID/status` (about 1.5 KiB).
+const MAX_STATUS: u64 = 64 * 1024;
+/// Bound on `/proc/PID/uid_map` and `gid_map`: at most 340 lines of three numbers.
+const MAX_MAP: u64 = 64 * 1024;
+
+/// Reads `/proc/PID/<name>`, at most `max` bytes; the reader differs between root and the
+/// user. `NotFound` when the process is gone (or hidden from this reader).
 #[allow(async_fn_in_trait)]
 pub trait ProcReader {
-    async fn read(&self, pid: u32, name: &str) -> io::Result<String>;
+    async fn read(&self, pid: u32, name: &str, max: u64) -> io::Result<String>;
 }
 
-/// Root reading the given proc directory (`/proc`, or a fake one in tests).
+fn not_found() -> io::Error {
+    io::ErrorKind::NotFound.into()
+}
+
+/// Root reading the given proc directory (`/proc`, or a fake one in tests), through
+/// [`userfs`]: no symlink followed, regular files only, bounded.
 pub struct DirectReader<'a> {
     pub proc: &'a Path,
 }
 
 impl ProcReader for DirectReader<'_> {
-    async fn read(&self, pid: u32, name: &str) -> io::Result<String> {
-        std::fs::read_to_string(self.proc.join(pid.to_string()).join(name))
+    async fn read(&self, pid: u32, name: &str, max: u64) -> io::Result<String> {
+        let path = self.proc.join(pid.to_string()).join(name);
+        let bytes = userfs::read_file(&path, None, max)?.ok_or_else(not_found)?;
+        // A process names itself (prctl): its bytes need not be UTF-8.
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 
+/// The effective UID and the name (`comm`) from `/proc/PID/status`.
+pub fn parse_status(text: &str) -> Option<(u32, String)> {
+    let (mut uid, mut name) = (None, None);
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Name:") {
+            name = Some(v.strip_prefix('\t').unwrap_or(v).to_string());
+        } else if let Some(v) = line.strip_prefix("Uid:") {
+            // Real, effective, saved, file system.
+            uid = v.split_whitespace().nth(1).and_then(|u| u.parse().ok());
+        }
+    }
+    Some((uid?, name?))
+}
+
 /// Finds the pause process of `uid` from `pid_file` and reads its maps with `reader`.
-/// A PID file naming a process that is gone, another user's process, or one that is not a
-/// pause process is stale: Podman makes a new namespace on its next run.
+/// `pid_file` is the runner user's to write: it is read through [`userfs`] (no symlink, a
+/// regular file of the user's or root's, at most [`MAX_PID_FILE`] bytes) and its content is
+/// never shown. A PID file naming a process that is gone, another user's process (root's,
+/// say: nothing more of it is read), or one that is not a pause process is stale: Podman
+/// makes a new namespace on its next run.
 pub async fn read_namespace<R: ProcReader, F: ProcReader>(
     pid_file: &Path,
-    proc: &Path,
     uid: u32,
     reader: &R,
     fallback: Option<&F>,
 ) -> Result<Namespace> {
-    let text = match std::fs::read_to_string(pid_file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Namespace::None { why: format!("no {}", pid_file.display()) })
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", pid_file.display())),
+    let bytes = match userfs::read_file(pid_file, Some(uid), MAX_PID_FILE)? {
+        Some(bytes) => bytes,
+        None => return Ok(Namespace::None { why: format!("no {}", pid_file.display()) }),
     };
-    let pid: u32 = text
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{} holds {:?}, not a PID", pid_file.display(), text.trim()))?;
-    let stale = |why: String| Ok(Namespace::None { why: format!("stale {} ({why})", pid_file.display()) });
-    // /proc/PID belongs to the process's effective UID (it stays dumpable).
-    match std::fs::metadata(proc.join(pid.to_string())) {
-        Ok(md) if md.uid() != uid => return stale(format!("PID {pid} belongs to UID {}", md.uid())),
-        _ => {}
-    }
-    let (comm, uid_map, gid_map) = match read_all(reader, pid).await {
-        Ok(all) => all,
+    let pid: u32 = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} does not hold a PID ({} bytes)", pid_file.display(), bytes.len())
+        })?;
+    let stale = |why: String| Namespace::None { why: format!("stale {} ({why})", pid_file.display()) };
+    match reader.read(pid, "status", MAX_STATUS).await {
+        Ok(status) => return judge_process(reader, pid, uid, &status).await.map(|r| r.unwrap_or_else(stale)),
         // ProtectProc=invisible hides other users' processes from a root without
         // CAP_SYS_PTRACE; the user still sees its own.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let again = match fallback {
-                Some(f) => Some(read_all(f, pid).await),
-                None => None,
-            };
-            match again {
-                Some(Ok(all)) => all,
-                Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("reading /proc/{pid} as the runner user"))
-                }
-                _ => return stale(format!("PID {pid} is not running")),
-            }
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading /proc/{pid}")),
-    };
-    let comm = comm.trim_end_matches('\n');
-    if !PAUSE_NAMES.contains(&comm) {
-        return stale(format!("PID {pid} is {comm:?}, not Podman's pause process"));
     }
-    let uid_map = parse_id_map(&uid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/uid_map: {e}"))?;
-    let gid_map = parse_id_map(&gid_map).map_err(|e| anyhow::anyhow!("/proc/{pid}/gid_map: {e}"))?;
-    // Maps are written once, by newuidmap, right after the namespace is made.
-    if uid_map.is_empty() || gid_map.is_empty() {
-        return Ok(Namespace::None { why: format!("PID {pid}'s user namespace is still being set up") });
+    let Some(fallback) = fallback else { return Ok(stale(format!("PID {pid} is not running"))) };
+    match fallback.read(pid, "status", MAX_STATUS).await {
+        Ok(status) => judge_process(fallback, pid, uid, &status).await.map(|r| r.unwrap_or_else(stale)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(stale(format!("PID {pid} is not running"))),
+        Err(e) => Err(e).with_context(|| format!("reading /proc/{pid} as the runner user")),
     }
-    if is_identity(&uid_map) {
-        return stale(format!("PID {pid} is not in a user namespace"));
-    }
-    Ok(Namespace::Running { pid, uid_map, gid_map })
 }
 
-async fn read_all<R: ProcReader>(r: &R, pid: u32) -> io::Result<(String, String, String)> {
-    Ok((r.read(pid, "comm").await?, r.read(pid, "uid_map").await?, r.read(pid, "gid_map").await?))
+/// The namespace of process `pid` whose `status` was read, or why it is not the user's
+/// pause process (`Err` of the inner result: the PID file is stale).
+async fn judge_process<R: ProcReader>(
+    reader: &R,
+    pid: u32,
+    uid: u32,
+    status: &str,
+) -> Result<Result<Namespace, String>> {
+    let Some((owner, comm)) = parse_status(status) else {
+        bail!("/proc/{pid}/status has no Uid or Name line");
+    };
+    // Checked before anything else of the process is read.
+    if owner != uid {
+        return Ok(Err(format!("PID {pid} belongs to UID {owner}, not the runner user (UID {uid})")));
+    }
+    if !PAUSE_NAMES.contains(&comm.as_str()) {
+        let comm = crate::text::one_line(&comm, 32);
+        return Ok(Err(format!("PID {pid} is {comm:?}, not Podman's pause process")));
+    }
+    let mut maps = Vec::with_capacity(2);
+    for name in ["uid_map", "gid_map"] {
+        let text = match reader.read(pid, name, MAX_MAP).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Err(format!("PID {pid} is not running")))
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading /proc/{pid}/{name}")),
+        };
+        maps.push(parse_id_map(&text).map_err(|e| anyhow::anyhow!("/proc/{pid}/{name}: {e}"))?);
+    }
+    let gid_map = maps.pop().expect("two maps");
+    let uid_map = maps.pop().expect("two maps");
+    // Maps are written once, by newuidmap, right after the namespace is made.
+    if uid_map.is_empty() || gid_map.is_empty() {
+        return Ok(Ok(Namespace::None { why: format!("PID {pid}'s user namespace is still being set up") }));
+    }
+    if is_identity(&uid_map) {
+        return Ok(Err(format!("PID {pid} is not in a user namespace")));
+    }
+    Ok(Ok(Namespace::Running { pid, uid_map, gid_map }))
 }
 
 /// Reads `/proc/PID/<name>` as the runner user (`cat` run with the user's IDs).
@@ -351,19 +396,19 @@ struct AsUser<'a> {
 }
 
 impl ProcReader for AsUser<'_> {
-    async fn read(&self, pid: u32, name: &str) -> io::Result<String> {
+    async fn read(&self, pid: u32, name: &str, max: u64) -> io::Result<String> {
         let path = format!("/proc/{pid}/{name}");
         let cat = HELPER_DIRS.iter().map(|d| Path::new(d).join("cat")).find(|p| p.is_file());
         let cat =
             cat.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no cat in /usr/bin or /bin"))?;
         let mut cmd = self.cx.user.command(&cat).map_err(io::Error::other)?;
         cmd.arg("--").arg(&path).stdin(std::process::Stdio::null());
+        let _ = max;
         let output = tokio::time::timeout(Duration::from_secs(5), cmd.output())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("reading {path} as the user")))??;
         if output.status.success() {
-            return String::from_utf8(output.stdout)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         let kind =
@@ -438,12 +483,10 @@ fn pause_pid_file(cx: &Context) -> PathBuf {
 
 async fn see_mapping(cx: &Context) -> Result<Mapping> {
     let want = expected(cx)?;
-    let proc = Path::new("/proc");
-    let direct = DirectReader { proc };
+    let direct = DirectReader { proc: Path::new("/proc") };
     let as_user = AsUser { cx };
     let pid_file = pause_pid_file(cx);
-    let uid = cx.user.uid;
-    let namespace = read_namespace(&pid_file, proc, uid, &direct, Some(&as_user)).await?;
+    let namespace = read_namespace(&pid_file, cx.user.uid, &direct, Some(&as_user)).await?;
     Ok(judge(cx, namespace, &want))
 }
 
@@ -793,11 +836,17 @@ mod tests {
         assert!(report.outcome.unwrap_err().contains("without cap_setuid"));
     }
 
-    /// A fake /proc with one process.
+    /// A fake /proc with one process of the test's own UID.
     fn fake_proc(pid: u32, comm: &str, uid_map: &str, gid_map: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("proc").join(pid.to_string());
         std::fs::create_dir_all(&p).unwrap();
+        let me = me();
+        std::fs::write(
+            p.join("status"),
+            format!("Name:\t{comm}\nUmask:\t0022\nUid:\t{me}\t{me}\t{me}\t{me}\n"),
+        )
+        .unwrap();
         std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
         std::fs::write(p.join("uid_map"), uid_map).unwrap();
         std::fs::write(p.join("gid_map"), gid_map).unwrap();
@@ -808,9 +857,27 @@ mod tests {
         nix::unistd::geteuid().as_raw()
     }
 
+    /// A symlink as the runner user makes it: its own (root's links in root's directories
+    /// are followed, see userfs).
+    fn users_symlink(target: &Path, link: &Path) {
+        std::os::unix::fs::symlink(target, link).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
+        }
+    }
+
     const FULL: &str = "         0       1000          1\n         1     524288      65536\n";
 
     const NO: Option<&DirectReader<'static>> = None;
+
+    #[test]
+    fn parses_the_status_lines_it_needs() {
+        let status =
+            "Name:\tpodman pause\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t1000\t1001\t1000\t1000\n";
+        assert_eq!(parse_status(status), Some((1001, "podman pause".to_string())));
+        assert_eq!(parse_status("Name:\tx\n"), None);
+        assert_eq!(parse_status("Uid:\t0\t0\t0\t0\n"), None);
+    }
 
     #[tokio::test]
     async fn reads_the_pause_process_from_its_pid_file() {
@@ -819,11 +886,11 @@ mod tests {
         let pid_file = dir.path().join("pause.pid");
         let reader = DirectReader { proc: &proc };
 
-        let none = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        let none = read_namespace(&pid_file, me(), &reader, NO).await.unwrap();
         assert!(matches!(none, Namespace::None { ref why } if why.starts_with("no ")), "{none:?}");
 
         std::fs::write(&pid_file, "4242").unwrap();
-        let ns = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &reader, NO).await.unwrap();
         assert_eq!(
             ns,
             Namespace::Running {
@@ -834,16 +901,121 @@ mod tests {
         );
 
         // Another user's process under a reused PID is not ours.
-        let other = read_namespace(&pid_file, &proc, me() + 1, &reader, NO).await.unwrap();
+        let other = read_namespace(&pid_file, me() + 1, &reader, NO).await.unwrap();
         assert!(matches!(other, Namespace::None { ref why } if why.contains("belongs to UID")), "{other:?}");
 
         // A dead PID is stale, not an error.
         std::fs::write(&pid_file, "4243\n").unwrap();
-        let dead = read_namespace(&pid_file, &proc, me(), &reader, NO).await.unwrap();
+        let dead = read_namespace(&pid_file, me(), &reader, NO).await.unwrap();
         assert!(matches!(dead, Namespace::None { ref why } if why.contains("not running")), "{dead:?}");
 
-        std::fs::write(&pid_file, "x").unwrap();
-        assert!(read_namespace(&pid_file, &proc, me(), &reader, NO).await.is_err());
+        // What the file holds is never shown.
+        for junk in ["x", "0", "-1", "4242 4243", "hunter2"] {
+            std::fs::write(&pid_file, junk).unwrap();
+            let err = read_namespace(&pid_file, me(), &reader, NO).await.unwrap_err();
+            let text = format!("{err:#}");
+            assert!(text.ends_with(&format!("does not hold a PID ({} bytes)", junk.len())), "{text}");
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_pid_file_is_refused_and_its_target_not_shown() {
+        let dir = fake_proc(4242, "catatonit", FULL, FULL);
+        let proc = dir.path().join("proc");
+        let reader = DirectReader { proc: &proc };
+        let secret = dir.path().join("shadow");
+        std::fs::write(&secret, "root:$6$hunter2:19000::::::\n").unwrap();
+        let pid_file = dir.path().join("pause.pid");
+        users_symlink(&secret, &pid_file);
+        let err = read_namespace(&pid_file, me(), &reader, NO).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "refusing {}: it is a symlink (root follows no link the runner user could have made)",
+                pid_file.display()
+            )
+        );
+        assert!(!format!("{err:#}").contains("hunter2"), "{err:#}");
+        // A symlinked directory on the way (libpod/tmp -> /etc) likewise.
+        std::fs::create_dir(dir.path().join("libpod")).unwrap();
+        users_symlink(dir.path(), &dir.path().join("libpod/tmp"));
+        let err = read_namespace(&dir.path().join("libpod/tmp/shadow"), me(), &reader, NO).await.unwrap_err();
+        assert_eq!(userfs::refusal_in(&err).map(|r| r.why.clone()), Some(userfs::Why::Symlink), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_fifo_or_an_oversized_pid_file_fails_at_once() {
+        let dir = fake_proc(4242, "catatonit", FULL, FULL);
+        let proc = dir.path().join("proc");
+        let reader = DirectReader { proc: &proc };
+        let pid_file = dir.path().join("pause.pid");
+        nix::unistd::mkfifo(&pid_file, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        // A blocking open would wait for a writer forever.
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(5), read_namespace(&pid_file, me(), &reader, NO)).await;
+        let err = outcome.expect("reading a FIFO blocked").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("refusing {}: it is a FIFO, not a regular file", pid_file.display())
+        );
+        std::fs::remove_file(&pid_file).unwrap();
+        std::fs::write(&pid_file, format!("4242{}", " ".repeat(100))).unwrap();
+        let err = read_namespace(&pid_file, me(), &reader, NO).await.unwrap_err();
+        assert_eq!(err.to_string(), format!("refusing {}: it is larger than 64 bytes", pid_file.display()));
+    }
+
+    #[tokio::test]
+    async fn a_pid_file_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give the file away");
+            return;
+        }
+        let dir = fake_proc(4242, "catatonit", FULL, FULL);
+        let proc = dir.path().join("proc");
+        let pid_file = dir.path().join("pause.pid");
+        std::fs::write(&pid_file, "4242").unwrap();
+        std::os::unix::fs::chown(&pid_file, Some(4243), Some(4243)).unwrap();
+        let err = read_namespace(&pid_file, 1000, &DirectReader { proc: &proc }, NO).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "refusing {}: owned by UID 4243, not the runner user (UID 1000) or root",
+                pid_file.display()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forged_pid_naming_a_root_process_is_not_read() {
+        // Our own process in the real /proc stands for any process of another user: root's
+        // when the tests run as root.
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pause.pid");
+        std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
+        let runner = me() + 1000;
+        let ns =
+            read_namespace(&pid_file, runner, &DirectReader { proc: Path::new("/proc") }, NO).await.unwrap();
+        let want =
+            format!("PID {} belongs to UID {}, not the runner user (UID {runner})", std::process::id(), me());
+        assert!(matches!(ns, Namespace::None { ref why } if why.contains(&want)), "{ns:?}");
+        // PID 1 (root's init) too, and the user's fallback view is not asked to override it.
+        std::fs::write(&pid_file, "1").unwrap();
+        let user_view = DirectReader { proc: Path::new("/proc") };
+        let ns = read_namespace(&pid_file, runner, &Hidden, Some(&user_view)).await.unwrap();
+        assert!(matches!(ns, Namespace::None { ref why } if why.contains("PID 1 belongs to UID")), "{ns:?}");
+    }
+
+    #[tokio::test]
+    async fn the_real_proc_files_are_read_within_their_bounds() {
+        let reader = DirectReader { proc: Path::new("/proc") };
+        let pid = std::process::id();
+        let status = reader.read(pid, "status", MAX_STATUS).await.unwrap();
+        assert_eq!(parse_status(&status).map(|s| s.0), Some(me()));
+        let map = reader.read(pid, "uid_map", MAX_MAP).await.unwrap();
+        assert!(!parse_id_map(&map).unwrap().is_empty());
+        let err = reader.read(pid, "status", 16).await.unwrap_err();
+        assert!(err.to_string().ends_with("status: it is larger than 16 bytes"), "{err}");
     }
 
     #[tokio::test]
@@ -852,24 +1024,31 @@ mod tests {
         let proc = dir.path().join("proc");
         let pid_file = dir.path().join("pause.pid");
         std::fs::write(&pid_file, "77").unwrap();
-        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
         assert!(matches!(ns, Namespace::None { ref why } if why.contains("\"bash\"")), "{ns:?}");
 
         let ident = "         0          0 4294967295\n";
         let dir = fake_proc(78, "podman pause", ident, ident);
         let proc = dir.path().join("proc");
         std::fs::write(&pid_file, "78").unwrap();
-        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
         assert!(
             matches!(ns, Namespace::None { ref why } if why.contains("not in a user namespace")),
             "{ns:?}"
         );
+
+        // A name with control characters is shown as one clean line.
+        let dir = fake_proc(79, "x\x1b[2Jy", FULL, FULL);
+        let proc = dir.path().join("proc");
+        std::fs::write(&pid_file, "79").unwrap();
+        let ns = read_namespace(&pid_file, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        assert!(matches!(ns, Namespace::None { ref why } if why.contains("is \"x [2Jy\"")), "{ns:?}");
     }
 
     /// A reader that sees nothing, as root does under ProtectProc=invisible.
     struct Hidden;
     impl ProcReader for Hidden {
-        async fn read(&self, _: u32, _: &str) -> io::Result<String> {
+        async fn read(&self, _: u32, _: &str, _: u64) -> io::Result<String> {
             Err(io::ErrorKind::NotFound.into())
         }
     }
@@ -880,19 +1059,18 @@ mod tests {
         let proc = dir.path().join("proc");
         let pid_file = dir.path().join("pause.pid");
         std::fs::write(&pid_file, "5000").unwrap();
-        let empty = tempfile::tempdir().unwrap();
         let user_view = DirectReader { proc: &proc };
-        let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, Some(&user_view)).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &Hidden, Some(&user_view)).await.unwrap();
         assert!(matches!(ns, Namespace::Running { pid: 5000, .. }), "{ns:?}");
         // A namespace whose maps newuidmap has not written yet is not judged.
         let dir = fake_proc(5001, "catatonit", "", "");
         let proc = dir.path().join("proc");
         std::fs::write(&pid_file, "5001").unwrap();
-        let ns = read_namespace(&pid_file, &proc, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &DirectReader { proc: &proc }, NO).await.unwrap();
         assert!(matches!(ns, Namespace::None { ref why } if why.contains("being set up")), "{ns:?}");
         std::fs::write(&pid_file, "5000").unwrap();
         // Without the fallback the process looks gone.
-        let ns = read_namespace(&pid_file, empty.path(), me(), &Hidden, NO).await.unwrap();
+        let ns = read_namespace(&pid_file, me(), &Hidden, NO).await.unwrap();
         assert!(matches!(ns, Namespace::None { .. }));
     }
 }

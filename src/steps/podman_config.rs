@@ -16,15 +16,8 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::fs::File;
-use std::io::{self, Read, Write as _};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io;
 use std::path::{Path, PathBuf};
-
-use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use super::{Context, Inspection};
 use crate::checks::Observation;
@@ -40,8 +33,6 @@ pub const TMPFILES: &str = "/etc/tmpfiles.d/executor-agent-docker-sock.conf";
 /// The user manager's PATH, where Podman looks for `docker-credential-*`.
 pub const HELPER_DIRS: [&str; 6] =
     ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"];
-/// Larger files are not configuration we are willing to parse as root.
-const MAX_FILE: i64 = 1 << 20;
 
 // ------------------------------------------------------------------------------------------------
 // Pure parts: TOML and JSON edits, the storage driver decision.
@@ -259,275 +250,10 @@ fn containers_settings(cfg: &PodmanConfig) -> Vec<Setting> {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Anchored access to the user's directories.
+// Anchored access to the user's directories: crate::userfs (also used by the other steps that
+// read what the runner user controls).
 
-fn errno_io(e: Errno) -> io::Error {
-    io::Error::from_raw_os_error(e as i32)
-}
-
-fn refused(path: &Path, why: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, format!("refusing {}: {why}", path.display()))
-}
-
-fn at(path: &Path, what: &str, e: io::Error) -> io::Error {
-    let hint = if e.raw_os_error() == Some(libc::EROFS) {
-        " (the agent's unit must list the runner user's home in ReadWritePaths=)"
-    } else {
-        ""
-    };
-    io::Error::new(e.kind(), format!("{what} {}: {e}{hint}", path.display()))
-}
-
-/// A directory opened without following symlinks, known to belong to the user or root.
-pub struct Dir {
-    fd: OwnedFd,
-    pub path: PathBuf,
-}
-
-/// An existing file, read through its directory, and what identifies it.
-#[derive(Clone, Debug)]
-pub struct UserFile {
-    pub text: String,
-    pub mode: u32,
-    dev: u64,
-    ino: u64,
-    mtime: (i64, i64),
-    size: i64,
-    label: Option<Vec<u8>>,
-}
-
-/// Who may own what we read and write: the runner user, or root.
-#[derive(Clone, Copy, Debug)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl Owner {
-    fn accepts(self, st: &FileStat) -> bool {
-        st.st_uid == self.uid || st.st_uid == 0
-    }
-}
-
-fn is_reg(st: &FileStat) -> bool {
-    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
-}
-
-impl Dir {
-    /// The home directory named by passwd (a root-controlled path: symlinks above it, like
-    /// FCOS's /home -> var/home, are followed). It must belong to the user or root.
-    pub fn open_home(path: &Path, owner: Owner) -> io::Result<Option<Dir>> {
-        let fd = match nix::fcntl::open(
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Ok(None),
-            Err(e) => return Err(at(path, "opening", errno_io(e))),
-        };
-        let dir = Dir { fd, path: path.to_path_buf() };
-        dir.check(owner)?;
-        Ok(Some(dir))
-    }
-
-    fn check(&self, owner: Owner) -> io::Result<FileStat> {
-        let st = nix::sys::stat::fstat(&self.fd).map_err(|e| at(&self.path, "inspecting", errno_io(e)))?;
-        if !owner.accepts(&st) {
-            return Err(refused(&self.path, format_args!("owned by UID {}, not the runner user", st.st_uid)));
-        }
-        Ok(st)
-    }
-
-    /// `name` below this directory, not following a symlink; `None` when missing.
-    pub fn child(&self, name: &str, owner: Owner) -> io::Result<Option<Dir>> {
-        let path = self.path.join(name);
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        match nix::fcntl::openat(&self.fd, name, flags, Mode::empty()) {
-            Ok(fd) => {
-                let dir = Dir { fd, path };
-                dir.check(owner)?;
-                Ok(Some(dir))
-            }
-            Err(Errno::ENOENT) => Ok(None),
-            // With O_DIRECTORY a symlink fails as ENOTDIR (or ELOOP): tell which it was.
-            Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                let link = self.stat_at(name)?.is_some_and(|st| {
-                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
-                });
-                if link {
-                    Err(refused(&path, "it is a symlink (root does not follow links in the user's home)"))
-                } else {
-                    Err(refused(&path, "it is not a directory"))
-                }
-            }
-            Err(e) => Err(at(&path, "opening", errno_io(e))),
-        }
-    }
-
-    /// Like [`Dir::child`], creating a missing directory with `mode`, owned by the user.
-    pub fn child_or_create(&self, name: &str, mode: u32, owner: Owner) -> io::Result<(Dir, bool)> {
-        if let Some(dir) = self.child(name, owner)? {
-            return Ok((dir, false));
-        }
-        let path = self.path.join(name);
-        match nix::sys::stat::mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(at(&path, "creating", errno_io(e))),
-        }
-        let dir =
-            self.child(name, owner)?.ok_or_else(|| at(&path, "opening", io::ErrorKind::NotFound.into()))?;
-        let st = dir.check(owner)?;
-        // Only what we just made (root's) is handed to the user.
-        if st.st_uid == 0 && owner.uid != 0 {
-            nix::unistd::fchown(&dir.fd, Some(owner.uid.into()), Some(owner.gid.into()))
-                .map_err(|e| at(&path, "changing owner of", errno_io(e)))?;
-        }
-        nix::sys::stat::fchmod(&dir.fd, Mode::from_bits_truncate(mode))
-            .map_err(|e| at(&path, "changing mode of", errno_io(e)))?;
-        Ok((dir, true))
-    }
-
-    /// Reads `name` if it is a regular, single-linked file of the user (or root).
-    pub fn read(&self, name: &str, owner: Owner) -> io::Result<Option<UserFile>> {
-        let path = self.path.join(name);
-        let flags =
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-        let fd = match nix::fcntl::openat(&self.fd, name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Ok(None),
-            Err(Errno::ELOOP) => {
-                return Err(refused(&path, "it is a symlink (root does not follow links in the user's home)"))
-            }
-            Err(e) => return Err(at(&path, "opening", errno_io(e))),
-        };
-        let st = nix::sys::stat::fstat(&fd).map_err(|e| at(&path, "inspecting", errno_io(e)))?;
-        if !is_reg(&st) {
-            return Err(refused(&path, "not a regular file"));
-        }
-        if !owner.accepts(&st) {
-            return Err(refused(&path, format_args!("owned by UID {}, not the runner user", st.st_uid)));
-        }
-        if st.st_nlink != 1 {
-            return Err(refused(&path, format_args!("it has {} hard links", st.st_nlink)));
-        }
-        if st.st_size > MAX_FILE {
-            return Err(refused(
-                &path,
-                format_args!("{} bytes is too large for a configuration file", st.st_size),
-            ));
-        }
-        let mut file = File::from(fd);
-        let label = fsutil::FileMeta::of(&file).ok().and_then(|m| m.selinux_label);
-        let mut bytes = Vec::new();
-        (&mut file).take(MAX_FILE as u64 + 1).read_to_end(&mut bytes).map_err(|e| at(&path, "reading", e))?;
-        let text = String::from_utf8(bytes).map_err(|_| refused(&path, "not UTF-8 text"))?;
-        Ok(Some(UserFile {
-            text,
-            mode: st.st_mode & 0o777,
-            dev: st.st_dev,
-            ino: st.st_ino,
-            mtime: (st.st_mtime, st.st_mtime_nsec),
-            size: st.st_size,
-            label,
-        }))
-    }
-
-    /// What is at `name` now, without following a symlink.
-    fn stat_at(&self, name: &str) -> io::Result<Option<FileStat>> {
-        match nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some(st)),
-            Err(Errno::ENOENT) => Ok(None),
-            Err(e) => Err(at(&self.path.join(name), "inspecting", errno_io(e))),
-        }
-    }
-
-    /// Replaces `name` with `contents`, owned by the user, with `prior`'s mode (else
-    /// `new_mode`) and SELinux label; refuses when `name` is no longer what was read.
-    pub fn replace(
-        &self,
-        name: &str,
-        contents: &[u8],
-        prior: Option<&UserFile>,
-        new_mode: u32,
-        owner: Owner,
-    ) -> io::Result<()> {
-        let path = self.path.join(name);
-        let now = self.stat_at(name)?;
-        let same = match (prior, &now) {
-            (None, None) => true,
-            (Some(p), Some(st)) => {
-                (st.st_dev, st.st_ino, (st.st_mtime, st.st_mtime_nsec), st.st_size)
-                    == (p.dev, p.ino, p.mtime, p.size)
-            }
-            _ => false,
-        };
-        if !same {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "{} changed while it was being edited; left alone until the next pass",
-                    path.display()
-                ),
-            ));
-        }
-        let (temp, fd) = self.create_temp(name)?;
-        let result = (|| {
-            let mut file = File::from(fd);
-            file.write_all(contents).map_err(|e| at(&path, "writing", e))?;
-            nix::unistd::fchown(file.as_fd(), Some(owner.uid.into()), Some(owner.gid.into()))
-                .map_err(|e| at(&path, "changing owner of", errno_io(e)))?;
-            let mode = prior.map_or(new_mode, |p| p.mode) & 0o777;
-            nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
-                .map_err(|e| at(&path, "changing mode of", errno_io(e)))?;
-            if let Some(label) = prior.and_then(|p| p.label.as_ref()) {
-                // Best effort: a label the policy refuses leaves the directory's default,
-                // which is what Podman itself would create.
-                let name = c"security.selinux";
-                // SAFETY: `label` is valid for reads of its length; the name is NUL-terminated.
-                unsafe {
-                    libc::fsetxattr(file.as_raw_fd(), name.as_ptr(), label.as_ptr().cast(), label.len(), 0);
-                }
-            }
-            file.sync_all().map_err(|e| at(&path, "syncing", e))?;
-            nix::fcntl::renameat(&self.fd, temp.as_os_str(), &self.fd, name)
-                .map_err(|e| at(&path, "renaming into place", errno_io(e)))
-        })();
-        if result.is_err() {
-            let _ =
-                nix::unistd::unlinkat(&self.fd, temp.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
-            return result;
-        }
-        nix::unistd::fsync(&self.fd).map_err(|e| at(&self.path, "syncing", errno_io(e)))
-    }
-
-    fn create_temp(&self, name: &str) -> io::Result<(OsString, OwnedFd)> {
-        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        for attempt in 0u32..64 {
-            let nonce = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-                ^ std::process::id().rotate_left(16)
-                ^ attempt.wrapping_mul(0x9E37_79B9);
-            let temp = OsString::from(format!(".{name}.executor-agent.{nonce:08x}"));
-            match nix::fcntl::openat(&self.fd, temp.as_os_str(), flags, Mode::from_bits_truncate(0o600)) {
-                Ok(fd) => return Ok((temp, fd)),
-                Err(Errno::EEXIST) => continue,
-                Err(e) => return Err(at(&self.path, "creating a temporary file in", errno_io(e))),
-            }
-        }
-        Err(at(&self.path, "creating a temporary file in", io::ErrorKind::AlreadyExists.into()))
-    }
-
-    /// Names in this directory (through the opened descriptor).
-    pub fn names(&self) -> io::Result<Vec<OsString>> {
-        let mut names: Vec<OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
-            .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect())
-            .map_err(|e| at(&self.path, "listing", e))?;
-        names.sort();
-        Ok(names)
-    }
-}
+pub use crate::userfs::{Dir, Owner, UserFile};
 
 // ------------------------------------------------------------------------------------------------
 // What the step sees.
@@ -605,17 +331,20 @@ fn graphroot(cx: &Context, user_storage_conf: Option<&str>) -> PathBuf {
     }
 }
 
-/// Drivers that have a layer store under `graphroot` (c/storage's `<driver>-layers`).
-pub fn drivers_in_use(graphroot: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(graphroot) else { return Vec::new() };
-    let mut drivers: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix("-layers").map(str::to_string))
+/// Drivers that have a layer store under `graphroot` (c/storage's `<driver>-layers`). The
+/// graphroot is the user's to name and to make: it is opened without following a link the
+/// user could have made (see [`crate::userfs`]), so its names are never another directory's.
+pub fn drivers_in_use(graphroot: &Path) -> io::Result<Vec<String>> {
+    let Some(dir) = Dir::open(graphroot, None)? else { return Ok(Vec::new()) };
+    let mut drivers: Vec<String> = dir
+        .names()?
+        .into_iter()
+        .filter(|name| dir.is_dir_at(name))
+        .filter_map(|name| name.to_str()?.strip_suffix("-layers").map(str::to_string))
         .filter(|d| !d.is_empty())
         .collect();
     drivers.sort();
-    drivers
+    Ok(drivers)
 }
 
 fn find_helper_binary(cx: &Context, helper: &str) -> Result<PathBuf, String> {
@@ -716,7 +445,12 @@ fn see(cx: &Context) -> Seen {
     let text = file.as_ref().map(|f| f.text.as_str());
     let configured = text.and_then(|t| toml_value(t, "storage", "driver").ok().flatten());
     let root = graphroot(cx, text);
-    match decide_driver(&cfg.storage_driver, configured.as_deref(), &drivers_in_use(&root), &root) {
+    let decision = match drivers_in_use(&root) {
+        Ok(in_use) => decide_driver(&cfg.storage_driver, configured.as_deref(), &in_use, &root),
+        // Storage that cannot be looked at safely is not switched either.
+        Err(e) => DriverDecision::Conflict(format!("{e}; the storage driver is left as it is")),
+    };
+    match decision {
         DriverDecision::Conflict(why) => {
             seen.writes.truncate(before);
             seen.problems.push(why);

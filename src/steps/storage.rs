@@ -5,7 +5,7 @@ mod gc;
 mod graphroot;
 mod usage;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,8 +32,11 @@ pub fn take_freed_bytes() -> u64 {
 struct Measured {
     graphroot: graphroot::Graphroot,
     /// What was measured: the graphroot, or its nearest existing ancestor before Podman
-    /// first creates it (under `cx.root`).
-    measured_at: PathBuf,
+    /// first creates it (under `cx.root`), opened without following a link the runner user
+    /// could have made (a symlinked graphroot must not lead root's statvfs out of its tree).
+    measured: crate::userfs::Dir,
+    /// The graphroot itself exists.
+    exists: bool,
     usage: Usage,
 }
 
@@ -41,15 +44,14 @@ impl Measured {
     fn take(cx: &Context) -> Result<Measured> {
         let graphroot = graphroot::locate(&cx.root, &cx.user)?;
         let full = cx.root.join(&graphroot.path);
-        let Some(measured_at) = graphroot::nearest_existing(&full).map(PathBuf::from) else {
-            bail!("neither {} nor any parent exists", graphroot.path.display());
-        };
-        let usage = Usage::of(&measured_at)?;
-        Ok(Measured { graphroot, measured_at, usage })
+        let (measured, exists) = crate::userfs::Dir::open_or_ancestor(&full, None)
+            .with_context(|| format!("measuring {}", graphroot.path.display()))?;
+        let usage = Usage::of_dir(&measured)?;
+        Ok(Measured { graphroot, measured, exists, usage })
     }
 
     fn again(&self) -> Result<Usage> {
-        Usage::of(&self.measured_at)
+        Usage::of_dir(&self.measured)
     }
 
     /// `/var/home/core/.local/share/containers/storage`, with where it came from when that
@@ -59,11 +61,9 @@ impl Measured {
         if let Some(file) = &self.graphroot.set_by {
             name.push_str(&format!(" (set in {})", file.display()));
         }
-        if self.measured_at != cx.root.join(&self.graphroot.path) {
-            let shown = self
-                .measured_at
-                .strip_prefix(cx.root.dir())
-                .map_or(self.measured_at.clone(), |p| PathBuf::from("/").join(p));
+        if !self.exists {
+            let at = &self.measured.path;
+            let shown = at.strip_prefix(cx.root.dir()).map_or(at.clone(), |p| PathBuf::from("/").join(p));
             name.push_str(&format!(" (not created yet; measured {})", shown.display()));
         }
         name

@@ -1,11 +1,17 @@
 //! Where the runner user's rootless Podman keeps its images (the graphroot), found the way
 //! containers/storage finds it for a rootless user.
+//!
+//! The user's storage.conf is the runner user's file: it is read through [`crate::userfs`]
+//! (no symlink below the home, the user's or root's, regular, bounded) and a parse error
+//! names a line and column, never the text. The graphroot it names is the user's to choose,
+//! so the step measures it through a descriptor that followed no link of the user's.
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
 
 use crate::paths::Root;
 use crate::runner_user::Account;
+use crate::userfs::{Dir, Owner};
 
 /// The user's own storage.conf; it overrides the system file for that user.
 const USER_CONF: &str = ".config/containers/storage.conf";
@@ -26,7 +32,7 @@ pub struct Graphroot {
 /// Reads the user's and the system's storage.conf under `root`.
 pub fn locate(root: &Root, user: &Account) -> Result<Graphroot> {
     let user_conf = user.home.join(USER_CONF);
-    let user_text = read_if_present(&root.join(&user_conf))?;
+    let user_text = read_users_conf(root, user)?;
     let mut system = None;
     for file in SYSTEM_CONFS {
         if let Some(text) = read_if_present(&root.join(file))? {
@@ -65,7 +71,9 @@ pub fn resolve(
 /// `[storage] KEY` of a storage.conf, if set and not empty.
 fn setting(conf: Option<(&Path, &str)>, key: &str) -> Result<Option<(PathBuf, String)>> {
     let Some((file, text)) = conf else { return Ok(None) };
-    let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", file.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow!("{} is not valid TOML ({})", file.display(), toml_error(text, &e)))?;
     let value = table.get("storage").and_then(|s| s.get(key));
     match value {
         None => Ok(None),
@@ -112,17 +120,37 @@ fn expand(value: &str, user: &Account) -> String {
     out
 }
 
-/// The path itself if it exists, else its nearest existing ancestor: the file system the
-/// graphroot will be created on.
-pub fn nearest_existing(path: &Path) -> Option<&Path> {
-    path.ancestors().find(|p| p.exists())
+/// A TOML error as "line L, column C: message", without the snippet of the file that the
+/// error's Display quotes (the file may be the user's; the detail is shown on `/readyz`).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = crate::text::one_line(e.message(), 200);
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
+/// The user's `~/.config/containers/storage.conf` (under `root`), read through its
+/// directories without following a link; `None` when it or a directory is missing.
+fn read_users_conf(root: &Root, user: &Account) -> Result<Option<String>> {
+    let owner = Owner { uid: user.uid, gid: user.gid };
+    let Some(home) = Dir::open_home(&root.join(&user.home), owner)? else { return Ok(None) };
+    let Some(config) = home.child(".config", owner)? else { return Ok(None) };
+    let Some(containers) = config.child("containers", owner)? else { return Ok(None) };
+    Ok(containers.read("storage.conf", owner)?.map(|f| f.text))
+}
+
+/// A system file (root's): read as it is.
 fn read_if_present(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("reading {}", path.display()))),
     }
 }
 
@@ -205,10 +233,36 @@ mod tests {
     }
 
     #[test]
-    fn a_graphroot_not_created_yet_is_measured_on_its_parent() {
+    fn parse_errors_name_the_place_not_the_text() {
+        let err = resolved(Some("[storage]\ngraphroot = \"/x\"\ntoken = hunter2\n"), None).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with(&format!("{USER} is not valid TOML (line 3, column ")), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn the_users_storage_conf_is_not_read_through_a_symlink() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("a/b/storage");
-        assert_eq!(nearest_existing(&missing), Some(dir.path()));
-        assert_eq!(nearest_existing(dir.path()), Some(dir.path()));
+        let root = Root::new(dir.path());
+        let secret = root.join("/etc/shadow");
+        std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+        std::fs::write(&secret, "root:$6$hunter2:19000::::::\n").unwrap();
+        let conf_dir = root.join("/var/home/core/.config/containers");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        std::os::unix::fs::symlink(&secret, conf_dir.join("storage.conf")).unwrap();
+        let err = locate(&root, &core()).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("storage.conf: it is a symlink"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        // Nor through a symlinked directory, nor a FIFO in its place.
+        std::fs::remove_file(conf_dir.join("storage.conf")).unwrap();
+        nix::unistd::mkfifo(&conf_dir.join("storage.conf"), nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .unwrap();
+        let err = locate(&root, &core()).unwrap_err();
+        assert!(format!("{err:#}").contains("it is a FIFO, not a regular file"), "{err:#}");
+        std::fs::remove_dir_all(root.join("/var/home/core/.config")).unwrap();
+        std::os::unix::fs::symlink(root.join("/etc"), root.join("/var/home/core/.config")).unwrap();
+        let err = locate(&root, &core()).unwrap_err();
+        assert!(format!("{err:#}").contains(".config: it is a symlink"), "{err:#}");
     }
 }

@@ -2,7 +2,6 @@
 //! at a shell agree on the number.
 
 use anyhow::{Context as _, Result};
-use std::path::Path;
 
 /// Block and inode use of one file system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,18 +35,26 @@ impl Usage {
         }
     }
 
-    /// Measures the file system holding `path`.
-    pub fn of(path: &Path) -> Result<Usage> {
+    /// Measures the file system holding an opened directory (`fstatvfs`: what was opened,
+    /// whatever its path names by now).
+    pub fn of_dir(dir: &crate::userfs::Dir) -> Result<Usage> {
         // statvfs on a local file system answers at once; no need to leave the runtime.
-        let s = nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
-        Ok(Usage::from_counts(
+        let s = nix::sys::statvfs::fstatvfs(dir.fd())
+            .with_context(|| format!("statvfs {}", dir.path.display()))?;
+        Ok(Usage::from_statvfs(&s))
+    }
+
+    // The statvfs counts are u64 on 64-bit targets, narrower on 32-bit ones.
+    #[allow(clippy::unnecessary_cast)]
+    fn from_statvfs(s: &nix::sys::statvfs::Statvfs) -> Usage {
+        Usage::from_counts(
             s.fragment_size() as u64,
             s.blocks() as u64,
             s.blocks_free() as u64,
             s.blocks_available() as u64,
             s.files() as u64,
             s.files_free() as u64,
-        ))
+        )
     }
 
     /// Percent of blocks used, `df`'s Use%: used / (used + available to users), rounded up.
@@ -114,11 +121,12 @@ mod tests {
     #[test]
     fn measures_a_real_file_system() {
         let dir = tempfile::tempdir().unwrap();
-        let u = Usage::of(dir.path()).unwrap();
+        let opened = crate::userfs::Dir::open(dir.path(), None).unwrap().unwrap();
+        let u = Usage::of_dir(&opened).unwrap();
         assert!(u.total_bytes > 0 && u.used_bytes <= u.total_bytes, "{u:?}");
         assert!(u.percent() <= 100);
-        let err = Usage::of(&dir.path().join("missing")).unwrap_err();
-        assert!(err.to_string().contains("statvfs"), "{err:#}");
+        let s = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        assert_eq!(u.total_bytes, s.blocks() as u64 * s.fragment_size() as u64);
     }
 
     #[test]
