@@ -132,19 +132,78 @@ impl ApiError {
 
 /// The API at a Unix socket. Each request opens its own connection and is bounded by
 /// `timeout`, connecting included: a hung engine must not hang the caller.
+///
+/// The socket lives in the runner user's `/run/user/UID`, so its path is untrusted: it is
+/// opened through [`crate::userfs`] (no symlink the user could have made, anywhere on the
+/// way; the final entry must be a socket) and connected to through `/proc/self/fd/N`, so the
+/// connection reaches exactly the inode that was checked. With an expected peer, the
+/// listener's credentials (`SO_PEERCRED`) must be that UID's before a byte is sent.
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
     timeout: Duration,
+    expected_peer: Option<u32>,
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
-        Client { socket: socket.into(), timeout }
+        Client { socket: socket.into(), timeout, expected_peer: None }
+    }
+
+    /// Talks only to a listener running as `uid` (the runner user), and only through a socket
+    /// and directories owned by `uid` or root.
+    pub fn with_expected_peer(mut self, uid: u32) -> Self {
+        self.expected_peer = Some(uid);
+        self
+    }
+
+    pub fn expected_peer(&self) -> Option<u32> {
+        self.expected_peer
     }
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// A connection to the socket, checked as the type says.
+    pub async fn connect(&self) -> Result<tokio::net::UnixStream> {
+        let shown = self.socket.display();
+        let found = crate::userfs::open_socket(&self.socket, self.expected_peer)
+            .with_context(|| format!("connecting to {shown}"))?
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))
+            .with_context(|| format!("connecting to {shown}"))?;
+        // The O_PATH descriptor names the checked inode; the path may have changed since.
+        let stream = tokio::net::UnixStream::connect(crate::userfs::proc_path(&found))
+            .await
+            .with_context(|| format!("connecting to {shown}"))?;
+        drop(found);
+        if let Some(uid) = self.expected_peer {
+            let peer = stream.peer_cred().with_context(|| format!("asking who listens on {shown}"))?;
+            if peer.uid() != uid {
+                bail!(
+                    "refusing {shown}: the process listening on it runs as UID {}, not the runner user (UID {uid})",
+                    peer.uid()
+                );
+            }
+        }
+        Ok(stream)
+    }
+
+    /// Pings the API and reads its version, each request bounded by the timeout.
+    pub async fn probe(&self) -> Result<EngineVersion> {
+        let (status, body) = self.send(Method::GET, "/_ping", None).await?;
+        if status != 200 || body.as_ref() != b"OK" {
+            bail!(
+                "GET /_ping answered {status} {:?}, not 200 \"OK\"",
+                crate::text::one_line(&String::from_utf8_lossy(&body), 100)
+            );
+        }
+        let (status, body) = self.send(Method::GET, "/version", None).await?;
+        if status != 200 {
+            bail!("GET /version answered {status}");
+        }
+        serde_json::from_slice(&body)
+            .context("GET /version: the answer is not the Docker API's version document")
     }
 
     /// One request; the answer whatever its status.
@@ -173,9 +232,7 @@ impl Client {
     ) -> Result<(u16, Bytes)> {
         let what = format!("{method} {path}");
         tokio::time::timeout(self.timeout, async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .with_context(|| format!("connecting to {}", self.socket.display()))?;
+            let stream = self.connect().await?;
             request_with_body(stream, "d", method, path, body, MAX_LIST_BODY)
                 .await
                 .with_context(|| what.clone())
@@ -222,21 +279,10 @@ pub struct EngineVersion {
     pub api_version: String,
 }
 
-/// Pings the API and reads its version, each request bounded by `timeout`.
+/// Pings the API and reads its version, each request bounded by `timeout` ([`Client::probe`]
+/// without an expected peer).
 pub async fn probe(socket: &Path, timeout: Duration) -> Result<EngineVersion> {
-    let client = Client::new(socket, timeout);
-    let (status, body) = client.send(Method::GET, "/_ping", None).await?;
-    if status != 200 || body.as_ref() != b"OK" {
-        bail!(
-            "GET /_ping answered {status} {:?}, not 200 \"OK\"",
-            crate::text::one_line(&String::from_utf8_lossy(&body), 100)
-        );
-    }
-    let (status, body) = client.send(Method::GET, "/version", None).await?;
-    if status != 200 {
-        bail!("GET /version answered {status}");
-    }
-    serde_json::from_slice(&body).context("GET /version: the answer is not the Docker API's version document")
+    Client::new(socket, timeout).probe().await
 }
 
 #[cfg(test)]
@@ -289,6 +335,142 @@ mod tests {
     async fn missing_socket_names_the_path() {
         let err = probe(Path::new("/nonexistent/podman.sock"), Duration::from_secs(1)).await.unwrap_err();
         assert!(format!("{err:#}").contains("connecting to /nonexistent/podman.sock"), "{err:#}");
+    }
+
+    fn ok_router() -> axum::Router {
+        axum::Router::new().route("/_ping", route(|| async { "OK" })).route(
+            "/version",
+            route(|| async { axum::Json(serde_json::json!({"Version": "4.3.1", "ApiVersion": "1.41"})) }),
+        )
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    /// A symlink as the runner user makes it: its own (root's links in root's directories
+    /// are followed).
+    fn users_symlink(target: &Path, link: &Path) {
+        std::os::unix::fs::symlink(target, link).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_socket_or_directory_is_never_connected_through() {
+        let (dir, real) = serve(ok_router()).await;
+        // The real socket answers, with or without an expected peer of our own UID.
+        probe(&real, Duration::from_secs(2)).await.unwrap();
+        Client::new(&real, Duration::from_secs(2)).with_expected_peer(me()).probe().await.unwrap();
+
+        let link = dir.path().join("link.sock");
+        users_symlink(&real, &link);
+        let err = probe(&link, Duration::from_secs(2)).await.unwrap_err();
+        let link = link.display();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "connecting to {link}: refusing {link}: it is a symlink (root follows no link the runner user \
+                 could have made)"
+            )
+        );
+        assert_eq!(crate::userfs::refusal_in(&err).map(|r| r.why.clone()), Some(crate::userfs::Why::Symlink));
+
+        // A symlinked directory on the way (podman -> elsewhere) likewise.
+        let podman = dir.path().join("podman");
+        users_symlink(dir.path(), &podman);
+        let err = probe(&podman.join("podman.sock"), Duration::from_secs(2)).await.unwrap_err();
+        let refused = crate::userfs::refusal_in(&err).expect("a refusal").clone();
+        assert_eq!((refused.path, refused.why), (podman, crate::userfs::Why::Symlink));
+
+        // Something else at the socket's path.
+        let file = dir.path().join("file.sock");
+        std::fs::write(&file, "").unwrap();
+        let err = probe(&file, Duration::from_secs(2)).await.unwrap_err();
+        assert!(format!("{err:#}").ends_with("it is a regular file, not a socket"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_listener_of_another_uid_is_refused() {
+        let (_dir, sock) = serve(ok_router()).await;
+        let other = me() + 4242;
+        let err =
+            Client::new(&sock, Duration::from_secs(2)).with_expected_peer(other).probe().await.unwrap_err();
+        assert!(
+            err.to_string().ends_with(&format!(
+                "refusing {}: the process listening on it runs as UID {}, not the runner user (UID {other})",
+                sock.display(),
+                me()
+            )),
+            "{err:#}"
+        );
+    }
+
+    /// The listener's UID is what is checked, not the socket file's owner: a socket root
+    /// bound and another UID listens on (as when a process of the user's listens).
+    #[tokio::test]
+    async fn the_peer_is_the_process_that_listens() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to listen as another user");
+            return;
+        }
+        const LISTENER: u32 = 4242;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("podman.sock");
+        // SAFETY: plain socket calls on a descriptor this test owns; the sockaddr is built
+        // before fork, and the child only makes raw system calls (no allocation, no locks)
+        // until it is killed.
+        let child = unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let bytes = sock.as_os_str().as_encoded_bytes();
+            for (i, b) in bytes.iter().enumerate() {
+                addr.sun_path[i] = *b as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+            assert_eq!(libc::bind(fd, std::ptr::addr_of!(addr).cast(), len as libc::socklen_t), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SO_PEERCRED reports who called listen().
+                libc::syscall(libc::SYS_setgid, LISTENER);
+                libc::syscall(libc::SYS_setuid, LISTENER);
+                libc::listen(fd, 8);
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::close(fd);
+            pid
+        };
+        // Wait until the child listens.
+        let client = Client::new(&sock, Duration::from_millis(300));
+        let mut outcome = client.clone().with_expected_peer(0).connect().await;
+        for _ in 0..100 {
+            if outcome.is_ok() || !format!("{:#}", outcome.as_ref().unwrap_err()).contains("refused") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            outcome = client.clone().with_expected_peer(0).connect().await;
+        }
+        let right = client.clone().with_expected_peer(LISTENER).connect().await;
+        // SAFETY: the child is ours.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        let err = outcome.expect_err("root is not the listener");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "refusing {}: the process listening on it runs as UID {LISTENER}, not the runner user (UID 0)",
+                sock.display()
+            )
+        );
+        right.expect("the listener's own UID is accepted");
     }
 
     #[tokio::test]

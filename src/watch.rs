@@ -204,8 +204,16 @@ impl UserWatch {
             Ok(mut watcher) => {
                 let wake = wake.clone();
                 self.task = Some(tokio::spawn(async move {
-                    while watcher.next().await.is_some() {
-                        wake.notify_one();
+                    loop {
+                        match watcher.next().await {
+                            Ok(Some(_)) => wake.notify_one(),
+                            Ok(None) => break,
+                            // Too long a line: the helper is stopped; the next pass starts another.
+                            Err(e) => {
+                                tracing::warn!("user manager watcher: {}", crate::journal::detail(&e));
+                                break;
+                            }
+                        }
                     }
                     wake.notify_one();
                 }));

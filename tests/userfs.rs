@@ -1,5 +1,5 @@
 //! A hostile runner user's tree, seen by root: the runtime directory and the home belong to
-//! a made-up runner UID, which plants symlinks, FIFOs and hard links where
+//! a made-up runner UID, which plants symlinks, FIFOs, hard links and foreign sockets where
 //! the agent reads. Nothing it plants makes root read, measure or talk to anything else, no
 //! read blocks, and no refusal shows what the planted target holds.
 //!
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use executor_agent::config::Settings;
 use executor_agent::paths::Root;
+use executor_agent::podman_api::Client;
 use executor_agent::runner_user::Account;
 use executor_agent::steps::id_mapping::{read_namespace, DirectReader, Namespace};
 use executor_agent::steps::{Context, Step};
@@ -140,6 +141,31 @@ async fn a_forged_pause_pid_naming_root_init_is_not_read() {
     let ns = namespace(&pid_file).await.unwrap();
     let Namespace::None { why } = ns else { panic!("PID 1 taken for the pause process: {ns:?}") };
     assert!(why.contains("PID 1 belongs to UID 0, not the runner user (UID 4242)"), "{why}");
+}
+
+#[tokio::test]
+async fn the_api_is_not_reached_through_a_planted_link_nor_served_by_another_uid() {
+    let Some(node) = Node::new() else { return };
+    // Root's own socket elsewhere, as a privileged daemon's would be.
+    let roots = node.path("/run/roots.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&roots).unwrap();
+    let sock = node.user_link(&roots, "/run/user/4242/podman/podman.sock");
+    let client = Client::new(&sock, Duration::from_secs(2)).with_expected_peer(UID);
+    let err = client.probe().await.unwrap_err();
+    assert_eq!(why(&err), Why::Symlink);
+    // Without an expected peer (the canary's client, for now) the link is refused all the same.
+    let err = Client::new(&sock, Duration::from_secs(2)).probe().await.unwrap_err();
+    assert_eq!(why(&err), Why::Symlink);
+
+    // A real socket at the path, but root listening on it.
+    fs::remove_file(&sock).unwrap();
+    let _root_listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    chown(&sock, Some(UID), Some(GID)).unwrap();
+    let err = client.probe().await.unwrap_err();
+    assert!(
+        err.to_string().ends_with("the process listening on it runs as UID 0, not the runner user (UID 4242)"),
+        "{err:#}"
+    );
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use std::time::Duration;
 use super::{Context, Inspection};
 use crate::checks::Observation;
 use crate::subid::{self, IdKind, IdRange};
-use crate::{podman_api, user_manager, userfs};
+use crate::{user_manager, userfs};
 
 const MAPPING_CHECK: &str = "subuid-mapping";
 const HELPERS_CHECK: &str = "newuidmap";
@@ -390,7 +390,8 @@ async fn judge_process<R: ProcReader>(
     Ok(Ok(Namespace::Running { pid, uid_map, gid_map }))
 }
 
-/// Reads `/proc/PID/<name>` as the runner user (`cat` run with the user's IDs).
+/// Reads `/proc/PID/<name>` as the runner user (`cat` run with the user's IDs), its output
+/// bounded like every helper's.
 struct AsUser<'a> {
     cx: &'a Context,
 }
@@ -403,17 +404,19 @@ impl ProcReader for AsUser<'_> {
             cat.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no cat in /usr/bin or /bin"))?;
         let mut cmd = self.cx.user.command(&cat).map_err(io::Error::other)?;
         cmd.arg("--").arg(&path).stdin(std::process::Stdio::null());
-        let _ = max;
-        let output = tokio::time::timeout(Duration::from_secs(5), cmd.output())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("reading {path} as the user")))??;
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let output =
+            tokio::time::timeout(Duration::from_secs(5), user_manager::output_bounded(&mut cmd, limit, 4096))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("reading {path} as the user")))?
+                .map_err(|e| io::Error::new(e.kind(), format!("reading {path} as the user: {e}")))?;
         if output.status.success() {
             return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = output.reason();
         let kind =
-            if stderr.contains("No such file") { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
-        Err(io::Error::new(kind, format!("{path}: {}", stderr.trim())))
+            if reason.contains("No such file") { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
+        Err(io::Error::new(kind, format!("{path}: {reason}")))
     }
 }
 
@@ -621,8 +624,8 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         .await
         .with_context(|| format!("restarting {unit}"))?;
     changes.push(format!("restarted {unit} for {user}"));
-    let socket = super::podman_socket::socket_path(cx);
-    podman_api::probe(&socket, cx.settings.podman.api_timeout)
+    super::podman_socket::client(cx)
+        .probe()
         .await
         .with_context(|| format!("the Podman API after restarting {unit}"))?;
     match see_mapping(cx).await? {

@@ -2,7 +2,6 @@
 //! Docker-compatible API behind it answering.
 
 use anyhow::{bail, Result};
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use super::{Context, Inspection};
@@ -19,13 +18,27 @@ pub fn socket_path(cx: &Context) -> PathBuf {
     cx.user.runtime_dir().join("podman/podman.sock")
 }
 
-fn socket_file_present(cx: &Context) -> bool {
-    std::fs::symlink_metadata(socket_path(cx)).is_ok_and(|m| m.file_type().is_socket())
+/// The API client for the runner user's socket: only a listener of the user's is talked to.
+pub fn client(cx: &Context) -> podman_api::Client {
+    podman_api::Client::new(socket_path(cx), cx.settings.podman.api_timeout).with_expected_peer(cx.user.uid)
+}
+
+/// Whether the socket file is there, looked at without following a link the user could
+/// have made; `Err` says why what is there is refused (a symlink, not a socket, not the
+/// user's).
+fn socket_file(cx: &Context) -> Result<bool, String> {
+    match crate::userfs::open_socket(&socket_path(cx), Some(cx.user.uid)) {
+        Ok(found) => Ok(found.is_some()),
+        Err(e) if crate::userfs::refusal(&e).is_some() => Err(e.to_string()),
+        Err(_) => Ok(false),
+    }
 }
 
 struct Seen {
     unit: Result<UnitState>,
     socket_file: bool,
+    /// Why the file at the socket's path is refused.
+    socket_refused: Option<String>,
     api: Result<EngineVersion>,
 }
 
@@ -36,14 +49,19 @@ async fn see(cx: &Context) -> Seen {
         cx.settings.linger.user_manager_timeout,
     )
     .await;
-    let socket_file = socket_file_present(cx);
+    let (socket_file, socket_refused) = match socket_file(cx) {
+        Ok(present) => (present, None),
+        Err(why) => (false, Some(why)),
+    };
     // Only a real request proves the API: the socket file can outlive a dead listener.
     let api = if socket_file {
-        podman_api::probe(&socket_path(cx), cx.settings.podman.api_timeout).await
+        client(cx).probe().await
+    } else if let Some(why) = &socket_refused {
+        Err(anyhow::anyhow!("{why}"))
     } else {
         Err(anyhow::anyhow!("{} does not exist", socket_path(cx).display()))
     };
-    Seen { unit, socket_file, api }
+    Seen { unit, socket_file, socket_refused, api }
 }
 
 pub async fn inspect(cx: &Context) -> Inspection {
@@ -69,7 +87,9 @@ pub async fn inspect(cx: &Context) -> Inspection {
                 ));
             }
             let ok = state.is_enabled() && state.is_active() && seen.socket_file;
-            let detail = if state.is_active() && !seen.socket_file {
+            let detail = if let (true, Some(why)) = (state.is_active(), &seen.socket_refused) {
+                format!("{}, but {why}", state.summary())
+            } else if state.is_active() && !seen.socket_file {
                 format!("{}, but {} is missing", state.summary(), socket_path(cx).display())
             } else {
                 state.summary()
@@ -100,7 +120,7 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let changes: Vec<String> =
         report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
     // Prove the API before calling the step done.
-    if let Err(e) = podman_api::probe(&socket_path(cx), cx.settings.podman.api_timeout).await {
+    if let Err(e) = client(cx).probe().await {
         bail!(
             "{} is active but the API does not answer: {}",
             cx.settings.podman.socket_unit,

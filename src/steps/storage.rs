@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{Context, Inspection};
 use crate::checks::Observation;
 use crate::config::Storage as Thresholds;
-use crate::podman_api::Client;
 use usage::{bytes, Usage};
 
 const CHECK: &str = "storage";
@@ -114,7 +113,7 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     if !gc::needed(&m.usage, thresholds) {
         return Ok(Vec::new());
     }
-    let api = Client::new(super::podman_socket::socket_path(cx), cx.settings.podman.api_timeout);
+    let api = super::podman_socket::client(cx);
     let report = gc::collect(&api, || m.again(), thresholds, &FREED_BYTES).await?;
     let after = report.usage.unwrap_or(m.usage);
     let name = m.graphroot.path.display();
