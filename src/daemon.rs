@@ -339,9 +339,7 @@ pub async fn run(mut cx: Context) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::new(pending_checks(&cx, &steps)));
 
-    let listener = tokio::net::TcpListener::bind(cx.settings.http.listen)
-        .await
-        .with_context(|| format!("listening on {} (http.listen)", cx.settings.http.listen))?;
+    let listener = crate::listen::http_listener(cx.settings.http.listen).await?;
     let state = Arc::new(AppState {
         snapshot: snapshot_rx,
         started,

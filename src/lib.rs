@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod http;
 pub mod identity;
 pub mod journal;
+pub mod listen;
 pub mod metrics;
 pub mod paths;
 pub mod podman_api;

@@ -20,6 +20,11 @@ fn main() -> ExitCode {
     let command_kind =
         if matches!(cli.command, Command::Run) { CommandKind::Daemon } else { CommandKind::OneShot };
     journal::init();
+    if matches!(command_kind, CommandKind::Daemon) {
+        // The health port from executor-agent.socket: LISTEN_FDS is read and cleared while
+        // this is the only thread.
+        executor_agent::listen::adopt();
+    }
     if let Err(e) = commands::check_privileges(&cli) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);

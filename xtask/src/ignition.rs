@@ -16,8 +16,9 @@ pub const AGENT_PATH: &str = "/usr/local/bin/executor-agent";
 /// The agent's unit.
 pub const UNIT_NAME: &str = "executor-agent.service";
 /// Every unit the `.bu` installs, with the repository file it must carry verbatim.
-const UNITS: [(&str, &str); 2] = [
+const UNITS: [(&str, &str); 3] = [
     (UNIT_NAME, "systemd/executor-agent.service"),
+    ("executor-agent.socket", "systemd/executor-agent.socket"),
     ("executor-agent-boot-gate.service", "systemd/executor-agent-boot-gate.service"),
 ];
 /// Where the configuration goes on the node.
@@ -607,6 +608,10 @@ mod tests {
         let gate = &json["systemd"]["units"][1];
         assert_eq!(gate["name"], "executor-agent-boot-gate.service");
         assert_eq!(gate["enabled"], false);
+        // The health port's socket unit, enabled: systemd holds the port across agent restarts.
+        let socket = &json["systemd"]["units"][2];
+        assert_eq!(socket["name"], "executor-agent.socket");
+        assert_eq!(socket["enabled"], true);
     }
 
     /// Every data URL in the committed config decodes to the file it was made from, and where
