@@ -9,7 +9,7 @@ pub const CHECK_NAMES: [&str; 6] =
     ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"];
 
 /// Every check the agent knows, in the order they are shown.
-pub const ALL_CHECKS: [&str; 14] = [
+pub const ALL_CHECKS: [&str; 15] = [
     "drain",
     "subuid",
     "subgid",
@@ -23,6 +23,7 @@ pub const ALL_CHECKS: [&str; 14] = [
     "podman-config",
     "cgroup-delegation",
     "docker-cli",
+    "runner-privileges",
     "canary",
 ];
 
@@ -30,7 +31,7 @@ pub const ALL_CHECKS: [&str; 14] = [
 pub const MAX_DETAIL_CHARS: usize = 1000;
 
 /// Checks that warn rather than decide readiness unless configured otherwise.
-const ADVISORY_BY_DEFAULT: [&str; 2] = ["cgroup-delegation", "docker-cli"];
+const ADVISORY_BY_DEFAULT: [&str; 3] = ["cgroup-delegation", "docker-cli", "runner-privileges"];
 
 /// How a check affects readiness, and how many observations it takes to flip it (like
 /// Consul's `failures_before_critical` and `success_before_passing`).

@@ -48,6 +48,7 @@ pub struct Settings {
     pub canary: Canary,
     pub podman_config: PodmanConfig,
     pub control: Control,
+    pub runner_privileges: RunnerPrivileges,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -255,6 +256,15 @@ impl Default for PodmanConfig {
             docker_socket_link: false,
         }
     }
+}
+
+/// The runner user's paths to root (the `runner-privileges` check).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerPrivileges {
+    /// Mask (and stop) the rootful `docker.socket` and `docker.service` FCOS enables. Off by
+    /// default: masking breaks anyone who uses rootful Docker on purpose.
+    pub mask_docker: bool,
 }
 
 /// Where controls that change the node (drain) are accepted.
@@ -664,6 +674,7 @@ mod tests {
                 2,
             ),
             ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
+            ("[runner_privileges]\nmask_docker = \"yes\"\n", "runner_privileges.mask_docker", 2),
             ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
             ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),
             (

@@ -597,3 +597,79 @@ async fn linger_keeps_the_given_bus_after_an_error() {
     let second = bounded(Step::Linger.inspect(&cx)).await;
     assert_eq!(second.observations, [Observation::fail("linger", "linger off for core")]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// runner-privileges: masking FCOS's rootful Docker
+
+#[tokio::test]
+async fn mask_docker_masks_both_units_then_stops_them_socket_first() {
+    use executor_agent::steps::runner_privileges;
+    let d = Doubles::without_logind().await;
+    d.add_unit(
+        "docker.socket",
+        Unit::loaded("enabled", "active", "listening").triggering(&["docker.service"]),
+    );
+    d.add_unit("docker.service", Unit::loaded("disabled", "active", "running"));
+    let mut cx = context(d.client().await);
+    cx.settings.runner_privileges.mask_docker = true;
+    assert!(Step::RunnerPrivileges.repairs(&cx));
+    let before = bounded(Step::RunnerPrivileges.inspect(&cx)).await;
+    assert_eq!(
+        before.plan,
+        [
+            "mask docker.socket and docker.service (rootful Docker; [runner_privileges] mask_docker = true)",
+            "stop docker.socket",
+            "stop docker.service"
+        ]
+    );
+    d.world().calls.clear();
+    let changes = bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap();
+    assert_eq!(
+        changes,
+        [
+            "masked docker.socket and docker.service (rootful Docker; [runner_privileges] mask_docker = true)",
+            "stopped docker.socket",
+            "stopped docker.service"
+        ]
+    );
+    let calls: Vec<String> =
+        d.calls().into_iter().filter(|c| !c.starts_with("LoadUnit") && c != "Subscribe").collect();
+    assert_eq!(
+        calls,
+        [
+            "MaskUnitFiles docker.socket,docker.service false true",
+            "Reload",
+            "StopUnit docker.socket replace",
+            "StopUnit docker.service replace"
+        ]
+    );
+    for unit in runner_privileges::DOCKER_UNITS {
+        let u = d.unit(unit);
+        assert_eq!((u.load_state.as_str(), u.active_state.as_str()), ("masked", "inactive"), "{unit}");
+    }
+    // Converged: nothing planned, nothing done.
+    let after = bounded(Step::RunnerPrivileges.inspect(&cx)).await;
+    assert!(after.plan.is_empty(), "{:?}", after.plan);
+    assert!(after.observations[0].detail.contains("docker.socket is masked"), "{:?}", after.observations);
+    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn without_mask_docker_an_enabled_docker_socket_is_only_reported() {
+    let d = Doubles::without_logind().await;
+    d.add_unit("docker.socket", Unit::loaded("enabled", "active", "listening"));
+    let cx = context(d.client().await);
+    assert!(!Step::RunnerPrivileges.repairs(&cx));
+    let seen = bounded(Step::RunnerPrivileges.inspect(&cx)).await;
+    assert!(seen.plan.is_empty());
+    assert!(
+        seen.observations[0].detail.contains(
+            "docker.socket (rootful dockerd, for root and group docker) is enabled and active; \
+             [runner_privileges] mask_docker = true masks it"
+        ),
+        "{:?}",
+        seen.observations
+    );
+    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap().is_empty());
+    assert!(!d.calls().iter().any(|c| c.starts_with("MaskUnitFiles") || c.starts_with("StopUnit")));
+}

@@ -8,6 +8,7 @@ pub mod id_mapping;
 pub mod linger;
 pub mod podman_config;
 pub mod podman_socket;
+pub mod runner_privileges;
 pub mod storage;
 pub mod subids;
 pub mod unprivileged_ports;
@@ -103,11 +104,12 @@ pub enum Step {
     IdMapping,
     Storage,
     HostTools,
+    RunnerPrivileges,
     Canary,
 }
 
 impl Step {
-    pub const ALL: [Step; 10] = [
+    pub const ALL: [Step; 11] = [
         Step::Drain,
         Step::SubIds,
         Step::UnprivilegedPorts,
@@ -117,6 +119,7 @@ impl Step {
         Step::IdMapping,
         Step::Storage,
         Step::HostTools,
+        Step::RunnerPrivileges,
         Step::Canary,
     ];
 
@@ -131,6 +134,7 @@ impl Step {
             Step::IdMapping => "id-mapping",
             Step::Storage => "storage",
             Step::HostTools => "host-tools",
+            Step::RunnerPrivileges => "runner-privileges",
             Step::Canary => "canary",
         }
     }
@@ -147,6 +151,7 @@ impl Step {
             Step::IdMapping => &["subuid-mapping", "newuidmap"],
             Step::Storage => &["storage"],
             Step::HostTools => &["cgroup-delegation", "docker-cli"],
+            Step::RunnerPrivileges => &["runner-privileges"],
             Step::Canary => &["canary"],
         }
     }
@@ -154,7 +159,7 @@ impl Step {
     /// Steps that need the running system (D-Bus, Podman, /proc) rather than files only;
     /// skipped with `--root`.
     pub fn needs_live_system(self) -> bool {
-        !matches!(self, Step::SubIds | Step::UnprivilegedPorts | Step::PodmanConfig)
+        !matches!(self, Step::SubIds | Step::UnprivilegedPorts | Step::PodmanConfig | Step::RunnerPrivileges)
     }
 
     /// Steps whose repair must be attempted first in a pass (order only).
@@ -190,6 +195,8 @@ impl Step {
             // Re-running the round is its "repair" in `apply`; the daemon's runner schedules its own.
             Step::Canary => matches!(*cx.canary, crate::canary::Handle::Direct(_)),
             Step::HostTools => cx.settings.cgroups.fix_delegation,
+            // Inspect only, unless asked to mask the rootful Docker units.
+            Step::RunnerPrivileges => cx.settings.runner_privileges.mask_docker,
             Step::PodmanConfig => cx.settings.podman_config.manage,
             _ => true,
         }
@@ -215,6 +222,7 @@ impl Step {
             Step::IdMapping => id_mapping::inspect(cx).await,
             Step::Storage => storage::inspect(cx).await,
             Step::HostTools => host_tools::inspect(cx).await,
+            Step::RunnerPrivileges => runner_privileges::inspect(cx).await,
             Step::Canary => canary::inspect(cx).await,
         }
     }
@@ -232,6 +240,7 @@ impl Step {
             Step::IdMapping => id_mapping::converge(cx).await,
             Step::Storage => storage::converge(cx).await,
             Step::HostTools => host_tools::converge(cx).await,
+            Step::RunnerPrivileges => runner_privileges::converge(cx).await,
         }
     }
 }
