@@ -76,7 +76,11 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             let seen = steps::inspect_all(&cx, &steps).await;
             let pass = daemon::repair_pass(&cx, &steps, seen, &mut HashMap::new()).await;
             for (step, change) in &pass.changes {
-                println!("changed ({}): {}", step.name(), crate::text::one_line(change, crate::checks::MAX_DETAIL_CHARS));
+                println!(
+                    "changed ({}): {}",
+                    step.name(),
+                    crate::text::one_line(change, crate::checks::MAX_DETAIL_CHARS)
+                );
             }
             for (step, error) in &pass.errors {
                 eprintln!("error: {} -> {}", step.name(), journal::chain(error));

@@ -327,7 +327,8 @@ pub async fn run(mut cx: Context) -> Result<()> {
         let api = crate::podman_api::Client::new(
             steps::podman_socket::socket_path(&cx),
             cx.settings.canary.timeout,
-        );
+        )
+        .with_expected_peer(cx.user.uid);
         let user = cx.root.is_host().then(|| cx.user.clone());
         crate::canary::Runner::new(api, cx.settings.canary.clone(), user)
     });
@@ -493,9 +494,16 @@ pub async fn run(mut cx: Context) -> Result<()> {
             }
         }
         if !ready_sent && !first_pass {
+            // Wait for the first round only when it decides readiness: a node that another
+            // required check keeps from being ready is started (READY=1) at once.
+            let others_fail = reporter
+                .checks
+                .checks()
+                .iter()
+                .any(|c| c.required && !c.ok && c.name != crate::canary::CHECK);
             let canary_done = match &runner {
                 None => true,
-                Some(r) => !r.unblocked() || r.subscribe().borrow().rounds > 0,
+                Some(r) => others_fail || !r.unblocked() || r.subscribe().borrow().rounds > 0,
             };
             if canary_done || first_pass_done.is_some_and(|t| t.elapsed() > ready_wait_limit) {
                 tracing::info!(

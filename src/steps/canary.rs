@@ -9,6 +9,7 @@ use crate::podman_api::Client;
 
 fn api(cx: &Context) -> Client {
     Client::new(super::podman_socket::socket_path(cx), cx.settings.canary.timeout)
+        .with_expected_peer(cx.user.uid)
 }
 
 pub async fn inspect(cx: &Context) -> Inspection {

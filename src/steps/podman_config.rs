@@ -580,6 +580,23 @@ fn plan_lines(cx: &Context, seen: &Seen) -> Vec<String> {
     plan
 }
 
+/// Why Podman must not be started yet, if so: the runner user's storage.conf is not as
+/// configured, and Podman's first start would create the user's storage with another driver
+/// (vfs), which is never switched afterwards.
+pub fn storage_not_ready(cx: &Context) -> Option<String> {
+    if !cx.settings.podman_config.manage {
+        return None;
+    }
+    let seen = see(cx);
+    if seen.writes.iter().any(|w| w.name == "storage.conf") {
+        return Some(format!(
+            "{}'s storage.conf does not name the storage driver {} yet",
+            cx.user.name, cx.settings.podman_config.storage_driver
+        ));
+    }
+    seen.problems.iter().find(|p| p.contains("storage") || p.contains(".config")).cloned()
+}
+
 pub async fn inspect(cx: &Context) -> Inspection {
     if !cx.settings.podman_config.manage {
         return Inspection {

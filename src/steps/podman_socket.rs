@@ -115,6 +115,14 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let seen = see(cx).await;
     let unit_was_active = seen.unit.as_ref().is_ok_and(|s| s.is_active());
     let restart = unit_was_active && (!seen.socket_file || seen.api.is_err());
+    if !unit_was_active {
+        if let Some(why) = super::podman_config::storage_not_ready(cx) {
+            bail!(
+                "not starting {} before podman-config is in place ({why}): Podman would create the storage without it",
+                cx.settings.podman.socket_unit
+            );
+        }
+    }
     let timeout = cx.settings.linger.user_manager_timeout;
     let report = user_manager::ensure(&cx.user, &cx.settings.podman.socket_unit, restart, timeout).await?;
     let changes: Vec<String> =

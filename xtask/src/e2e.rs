@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 mod canary;
 #[path = "e2e_fleet.rs"]
 mod fleet;
+#[path = "e2e_hostile.rs"]
+mod hostile;
 
 /// Bound on boot + first convergence of a fresh node.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -88,7 +90,11 @@ pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
         };
         let mut this = Tally::default();
         let started = Instant::now();
-        for (name, scenario) in SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()) {
+        // E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT (while developing one).
+        let only = std::env::var("E2E_ONLY").unwrap_or_default();
+        let all =
+            SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()).chain(hostile::scenarios());
+        for (name, scenario) in all.filter(|(name, _)| name.contains(only.as_str())) {
             eprintln!("\n==> e2e [{os}]: {name}");
             let t = Instant::now();
             suite.logs.clear();
