@@ -106,7 +106,10 @@ async fn pause_pid_planted_as_a_link_fifo_or_hard_link_is_refused_and_never_show
     nix::unistd::mkfifo(&pid_file, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     chown(&pid_file, Some(UID), Some(GID)).unwrap();
     let err = namespace(&pid_file).await.unwrap_err();
-    assert_eq!(format!("{err:#}"), format!("refusing {}: it is a FIFO, not a regular file", pid_file.display()));
+    assert_eq!(
+        format!("{err:#}"),
+        format!("refusing {}: it is a FIFO, not a regular file", pid_file.display())
+    );
     fs::remove_file(&pid_file).unwrap();
 
     // A hard link to root's file (protected_hardlinks off).
@@ -163,7 +166,8 @@ async fn the_api_is_not_reached_through_a_planted_link_nor_served_by_another_uid
     chown(&sock, Some(UID), Some(GID)).unwrap();
     let err = client.probe().await.unwrap_err();
     assert!(
-        err.to_string().ends_with("the process listening on it runs as UID 0, not the runner user (UID 4242)"),
+        err.to_string()
+            .ends_with("the process listening on it runs as UID 0, not the runner user (UID 4242)"),
         "{err:#}"
     );
 }
