@@ -613,6 +613,10 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
         Mapping::Differs { detail, .. } => detail,
     };
     let user = &cx.user.name;
+    // Podman run as the user would block on a FIFO of theirs, or fail on a refused link.
+    if let Some(why) = super::podman_config::user_config_refused(cx) {
+        bail!("{before}; not running podman system migrate as {user} while {why}");
+    }
     user_manager::migrate(&cx.user, MIGRATE_TIMEOUT)
         .await
         .with_context(|| format!("podman system migrate as {user}"))?;

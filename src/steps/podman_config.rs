@@ -580,6 +580,15 @@ fn plan_lines(cx: &Context, seen: &Seen) -> Vec<String> {
     plan
 }
 
+/// Why running Podman as the runner user now would hang or fail, if so: root refused one of
+/// the user's containers files (a FIFO Podman would block on, a link out of the user's tree).
+pub fn user_config_refused(cx: &Context) -> Option<String> {
+    if !cx.root.is_host() {
+        return None;
+    }
+    see(cx).problems.into_iter().find(|p| p.contains("refusing"))
+}
+
 /// Why Podman must not be started yet, if so: the runner user's storage.conf is not as
 /// configured, and Podman's first start would create the user's storage with another driver
 /// (vfs), which is never switched afterwards.

@@ -1,7 +1,7 @@
 //! Subordinate IDs: the runner user owns enough IDs in /etc/subuid and /etc/subgid for
 //! rootless Podman's user namespace.
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 use super::{Context, Inspection};
 use crate::checks::Observation;
@@ -83,6 +83,9 @@ fn has_used_podman(cx: &Context) -> bool {
 }
 
 async fn migrate(cx: &Context) -> Result<()> {
+    if let Some(why) = super::podman_config::user_config_refused(cx) {
+        bail!("not running podman system migrate as {} while {why}", cx.user.name);
+    }
     user_manager::migrate(&cx.user, std::time::Duration::from_secs(120))
         .await
         .with_context(|| format!("podman system migrate as {}", cx.user.name))
