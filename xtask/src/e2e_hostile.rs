@@ -153,6 +153,22 @@ fn attacker(s: &mut Suite) -> Result<()> {
         .context("no VmHWM for the agent")?;
     s.record(NAME, &format!("agent peak RSS after the attacks: {} KiB", rss_kib), Duration::ZERO);
     ensure!(rss_kib < 64 * 1024, "the agent's peak RSS grew to {rss_kib} KiB");
+    // The health port while the agent is down: systemd's socket keeps it, so the runner user
+    // cannot answer wait-ready, load balancers or the boot gate in the agent's place.
+    node.run(&["systemctl", "stop", "executor-agent.service"])?;
+    let squat = node.as_core("timeout 2 busybox nc -l -p 9739 </dev/null; echo rc=$?")?;
+    let squat = String::from_utf8_lossy(&squat.stdout).trim().to_string();
+    eprintln!("    core binding 9739 while the agent is stopped: {squat}");
+    ensure!(!squat.ends_with("rc=124"), "core could listen on the health port while the agent was stopped");
+    // The next probe starts the agent again through the socket.
+    let mut answer = None;
+    wait_for(&mut node, Duration::from_secs(60), |n| {
+        answer = n.readyz().ok();
+        Ok(answer.is_some())
+    })
+    .context("no answer on 9739 after the stop")?;
+    let json = answer.map(|(_, j)| j).unwrap_or_default();
+    ensure!(json["checks"].is_array(), "the answer on 9739 is not the agent's: {json}");
     for (i, text) in outputs.iter().enumerate() {
         ensure!(!text.contains(&marker), "attack {:?}: a root-only secret reached an output", attacks[i].0);
         ensure!(
