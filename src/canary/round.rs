@@ -294,6 +294,10 @@ fn container_spec(
         endpoint["Aliases"] = serde_json::json!([alias]);
     }
     let mut spec = serde_json::json!({
+        // The payload is PID 1 without a SIGTERM handler: a forced removal would otherwise
+        // wait out the stop timeout (10 s on Podman 5) before the SIGKILL.
+        "StopSignal": "SIGKILL",
+        "StopTimeout": 1,
         "Image": layout.reference,
         "Entrypoint": layout.entrypoint,
         "Cmd": cmd,
