@@ -4,11 +4,12 @@
 //!
 //! A child module of `e2e` (declared there with `#[path]`), sharing its suite and helpers.
 
+use super::fleet::{check, get_ok};
 use super::{Scenario, Suite, POLL};
 use crate::ignition::Extras;
-use crate::node::{Node, AGENT_PORT};
+use crate::node::Node;
 use crate::tree::Os;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
 
 /// `journal::CANARY_FAILED` of the agent (a test below keeps the two equal).
@@ -65,7 +66,7 @@ fn ready_after_a_round(s: &mut Suite) -> Result<()> {
     let images = node
         .run_as_core("podman images --format '{{.Repository}}:{{.Tag}}' localhost/executor-agent-canary")?;
     ensure!(images.lines().count() == 1, "not exactly one cached canary image: {images:?}");
-    let metrics = get(&mut node, "/metrics")?;
+    let metrics = get_ok(&mut node, "/metrics")?;
     ensure!(
         metrics.lines().any(|l| l.starts_with("executor_agent_canary_rounds_total{outcome=\"pass\"} ")),
         "no passing canary round in /metrics"
@@ -127,7 +128,7 @@ fn breakage(s: &mut Suite, name: &'static str, stage: &str, break_it: &str, undo
         entries.lines().any(|l| l.contains(&format!("\"STAGE\":\"{stage}\""))),
         "no journal entry MESSAGE_ID={CANARY_FAILED} with STAGE={stage}"
     );
-    let metrics = get(&mut node, "/metrics")?;
+    let metrics = get_ok(&mut node, "/metrics")?;
     let series = format!("executor_agent_canary_failures_total{{stage=\"{stage}\"}} ");
     ensure!(metrics.lines().any(|l| l.starts_with(&series)), "/metrics lacks {series}");
 
@@ -223,22 +224,6 @@ fn assert_nothing_left(node: &mut Node) -> Result<()> {
         ensure!(Instant::now() < deadline, "the canary left objects behind: {left:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
-    json["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .cloned()
-        .ok_or_else(|| anyhow!("/readyz lacks check {name}: {json}"))
-}
-
-fn get(node: &mut Node, path: &str) -> Result<String> {
-    let (code, body) = node.http_get(AGENT_PORT, path)?;
-    if code != 200 {
-        bail!("GET {path} answered {code}: {body}");
-    }
-    Ok(body)
 }
 
 /// The monotonic time (seconds) of the first `short-monotonic` journal line containing `text`.

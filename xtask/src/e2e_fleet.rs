@@ -116,7 +116,10 @@ fn metrics(s: &mut Suite) -> Result<()> {
     s.record(NAME, "repair: socket stopped to /readyz 200", t.elapsed());
     let body = get_ok(&mut node, "/metrics")?;
     let drift = drifts(&body);
-    ensure!(drift >= before + 1.0, "drift_events_total{{podman-socket|podman-api}} is {drift} (was {before}):\n{body}");
+    ensure!(
+        drift >= before + 1.0,
+        "drift_events_total{{podman-socket|podman-api}} is {drift} (was {before}):\n{body}"
+    );
     let repairs: f64 = body
         .lines()
         .filter(|l| l.starts_with("executor_agent_repairs_total{") && l.contains("outcome=\"success\""))
@@ -368,7 +371,8 @@ fn id_mapping(s: &mut Suite) -> Result<()> {
 
 // ---- helpers ----
 
-fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
+/// A check of a `/readyz` or `/status` answer by name (shared by the e2e child modules).
+pub(super) fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
     json["checks"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == name))
@@ -410,7 +414,8 @@ fn wait_answer(node: &mut Node) -> Result<(bool, serde_json::Value)> {
     }
 }
 
-fn get_ok(node: &mut Node, path: &str) -> Result<String> {
+/// The body of `GET path`, which must answer 200.
+pub(super) fn get_ok(node: &mut Node, path: &str) -> Result<String> {
     let (code, body) = node.http_get(AGENT_PORT, path)?;
     ensure!(code == 200, "GET {path} answered {code}: {body}");
     Ok(body)

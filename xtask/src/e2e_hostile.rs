@@ -3,10 +3,11 @@
 //!
 //! A child module of `e2e` (declared there with `#[path]`), sharing its suite and helpers.
 
+use super::fleet::check;
 use super::{Scenario, Suite};
 use crate::ignition::Extras;
 use crate::node::Node;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::time::Duration;
 
 const DROP_IN: &str = "/etc/executor-agent/config.d/50-runner.toml";
@@ -229,13 +230,4 @@ fn as_user(node: &mut Node, user: &str, script: &str) -> Result<String> {
         bail!("as {user}: `{script}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
-    json["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .cloned()
-        .ok_or_else(|| anyhow!("/readyz lacks check {name}: {json}"))
-        .context("reading /readyz")
 }
