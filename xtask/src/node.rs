@@ -551,21 +551,24 @@ fn own_cgroups(name: &str) -> Vec<std::ffi::CString> {
         .collect()
 }
 
-/// Removes node `name`'s cgroups (empty once the node is gone), deepest first.
+/// Removes node `name`'s cgroups, deepest first. Right after a kill they may still hold exiting
+/// processes for a moment (rmdir says EBUSY): retried for up to 2 s.
 fn remove_cgroups(name: &str) {
-    fn remove_tree(dir: &Path) {
+    fn remove_tree(dir: &Path) -> bool {
+        let mut ok = true;
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    remove_tree(&entry.path());
+                    ok &= remove_tree(&entry.path());
                 }
             }
         }
-        let _ = std::fs::remove_dir(dir);
+        ok && (std::fs::remove_dir(dir).is_ok() || !dir.exists())
     }
+    let deadline = Instant::now() + Duration::from_secs(2);
     for dir in cgroup_dirs(name) {
-        if dir.exists() {
-            remove_tree(&dir);
+        while dir.exists() && !remove_tree(&dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -107,9 +107,12 @@ pub const IMAGE_TAR: &str = "/opt/e2e/busybox.tar";
 /// What the test image's `/srv/index.html` says (served by busybox httpd on the published port).
 pub const IMAGE_INDEX: &str = "executor-agent e2e: port 80 works\n";
 
-/// `.node-cache/` in the repository (gitignored).
+/// `.node-cache/` in the repository (gitignored), resolved when it exists: it may be a symlink
+/// (a second worktree sharing the trees), and a node's path must read the same in every process
+/// (the running-node check compares it with nspawn's command line).
 pub fn cache_dir() -> PathBuf {
-    host::repo_root().join(".node-cache")
+    let dir = host::repo_root().join(".node-cache");
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// The cache key of a suite's tree: the suite, its package list and the recipe.
