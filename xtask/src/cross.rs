@@ -98,9 +98,22 @@ fn build_release_logged(target: &str, log: &Log) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// qemu-user with the aarch64 sysroot: the command prefix that runs an aarch64 binary here.
+/// The unit tests' runner: qemu-user without `-L`. With `-L`, qemu serves every absolute
+/// path that also exists below the prefix from there, `/` included: the tests that walk from
+/// `/` one `openat` at a time (src/userfs.rs) would then walk /usr/aarch64-linux-gnu and find
+/// nothing. The test binaries name the sysroot's loader and libraries themselves instead
+/// ([`test_rustflags`]).
 fn runner() -> String {
-    format!("{QEMU} -L {SYSROOT}")
+    QEMU.to_string()
+}
+
+/// Link flags for the unit-test binaries only: the aarch64 loader and glibc of the sysroot by
+/// absolute path, so that they run under a plain qemu-user. The release binary keeps the
+/// standard `/lib/ld-linux-aarch64.so.1` of a real node.
+fn test_rustflags() -> String {
+    format!(
+        "-C link-arg=-Wl,--dynamic-linker={SYSROOT}/lib/ld-linux-aarch64.so.1 -C link-arg=-Wl,-rpath={SYSROOT}/lib"
+    )
 }
 
 fn qemu(binary: &Path) -> Command {
@@ -227,13 +240,15 @@ pub fn run(log: Option<&Path>) -> Result<Summary> {
         }
         args.push("--exact".into());
     }
-    log.say(&format!("==> cargo {} (runner: {})", args.join(" "), runner()));
+    log.say(&format!("==> cargo {} (runner: {}, rustflags: {})", args.join(" "), runner(), test_rustflags()));
     for (name, why) in EXCLUDED {
         log.say(&format!("    excluded under qemu-user: {name}: {why}"));
     }
     let mut cmd = host::cargo();
+    let target_env = AARCH64.to_uppercase().replace('-', "_");
     cmd.args(&args)
-        .env(format!("CARGO_TARGET_{}_RUNNER", AARCH64.to_uppercase().replace('-', "_")), runner());
+        .env(format!("CARGO_TARGET_{target_env}_RUNNER"), runner())
+        .env(format!("CARGO_TARGET_{target_env}_RUSTFLAGS"), test_rustflags());
     log.attach(&mut cmd, true)?;
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", host::show(&cmd)))?;
     let mut sum = Summary { excluded: EXCLUDED.len(), ..Summary::default() };
