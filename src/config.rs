@@ -244,6 +244,10 @@ pub struct PodmanConfig {
     pub cred_helpers: BTreeMap<String, String>,
     /// Link /var/run/docker.sock to the user's Podman socket for tools that hard-code it.
     pub docker_socket_link: bool,
+    /// `[engine] service_timeout = 0`: the API service, once started, stays up instead of
+    /// exiting after 5 s idle, so a job's first request and the agent's probes meet a warm
+    /// service rather than starting one each time.
+    pub keep_api_service: bool,
 }
 
 impl Default for PodmanConfig {
@@ -254,6 +258,7 @@ impl Default for PodmanConfig {
             network_cmd: String::new(),
             cred_helpers: BTreeMap::new(),
             docker_socket_link: false,
+            keep_api_service: true,
         }
     }
 }

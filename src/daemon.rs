@@ -70,7 +70,8 @@ pub struct PassResult {
 }
 
 /// Converges the steps that `seen` shows drifted (dependencies first, independent steps
-/// concurrently, each only when its backoff allows), and inspects the repaired ones again.
+/// concurrently, each only when its backoff allows), and inspects the repaired ones again
+/// (unless the repair already proved its result).
 pub async fn repair_pass(
     cx: &Context,
     steps: &[Step],
@@ -105,11 +106,13 @@ pub async fn repair_pass(
         let outcomes =
             futures_util::future::join_all(due.iter().map(|&s| steps::timed(s, "converged", s.converge(cx))))
                 .await;
+        let mut proven: Vec<(Step, Inspection)> = Vec::new();
         for (step, outcome) in due.iter().copied().zip(outcomes) {
             match outcome {
                 Ok(done) => {
                     backoff.entry(step).or_default().succeeded();
-                    changes.extend(done.into_iter().map(|c| (step, c)));
+                    changes.extend(done.changes.into_iter().map(|c| (step, c)));
+                    proven.extend(done.proof.map(|p| (step, p)));
                 }
                 Err(e) => {
                     let delay = backoff.entry(step).or_default().failed(
@@ -131,7 +134,10 @@ pub async fn repair_pass(
             }
             attempted.push(step);
         }
-        let again = steps::inspect_all(cx, &due).await;
+        let unproven: Vec<Step> =
+            due.iter().copied().filter(|s| !proven.iter().any(|(p, _)| p == s)).collect();
+        let again = steps::inspect_all(cx, &unproven).await;
+        inspections.extend(proven);
         inspections.extend(again);
     }
     for (step, inspection) in &inspections {
@@ -234,6 +240,7 @@ struct Reporter {
     checks: CheckSet,
     status_line: String,
     instance: std::collections::BTreeMap<String, String>,
+    runner: http::Runner,
     snapshot: watch::Sender<Snapshot>,
     metrics: Arc<Metrics>,
     started: Instant,
@@ -271,7 +278,7 @@ impl Reporter {
             (true, false) => tracing::warn!(message_id = journal::NODE_NOT_READY, "{line}"),
             _ => {}
         }
-        self.heartbeat();
+        self.republish();
         if line != self.status_line {
             notify(&[sd_notify::NotifyState::Status(&line)]);
             self.status_line = line;
@@ -295,13 +302,17 @@ impl Reporter {
         self.publish(vec![crate::canary::observation(report)]);
     }
 
-    /// Tells probes the loop is alive, with the latest results.
+    /// Gives probes the latest results (bodies serialised here, once).
+    fn republish(&self) {
+        self.snapshot.send_replace(Snapshot::new(self.checks.clone(), self.instance.clone(), &self.runner));
+    }
+
+    /// Tells probes the loop is alive; re-serialises only when Afterburn's attributes changed.
     fn heartbeat(&self) {
-        self.snapshot.send_replace(Snapshot {
-            checks: self.checks.clone(),
-            heartbeat: Instant::now(),
-            instance: self.instance.clone(),
-        });
+        if self.snapshot.borrow().instance != self.instance {
+            return self.republish();
+        }
+        self.snapshot.send_modify(|s| s.heartbeat = Instant::now());
     }
 }
 
@@ -338,15 +349,18 @@ pub async fn run(mut cx: Context) -> Result<()> {
     let cx = Arc::new(cx);
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::new());
-    let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::new(pending_checks(&cx, &steps)));
+    let served = http::Runner {
+        user: cx.user.name.clone(),
+        uid: cx.user.uid,
+        socket: steps::podman_socket::socket_path(&cx).display().to_string(),
+    };
+    let (snapshot_tx, snapshot_rx) =
+        watch::channel(Snapshot::new(pending_checks(&cx, &steps), Default::default(), &served));
 
     let listener = crate::listen::http_listener(cx.settings.http.listen).await?;
     let state = Arc::new(AppState {
         snapshot: snapshot_rx,
         started,
-        user: cx.user.name.clone(),
-        uid: cx.user.uid,
-        socket: steps::podman_socket::socket_path(&cx).display().to_string(),
         liveness_limit: pass_limit(&cx.settings) + TICK * 2,
         metrics: metrics.clone(),
     });
@@ -409,6 +423,7 @@ pub async fn run(mut cx: Context) -> Result<()> {
         checks: pending_checks(&cx, &steps),
         status_line: String::new(),
         instance: identity::read(&cx.root),
+        runner: served,
         snapshot: snapshot_tx,
         metrics,
         started,

@@ -1,6 +1,7 @@
 //! The health endpoint: `/healthz` (liveness), `/readyz` (readiness), `/status` (everything).
 //! Probes answer from the latest results and never wait on Podman or D-Bus.
 
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -16,6 +17,14 @@ use crate::checks::{Check, CheckSet};
 use crate::metrics::Metrics;
 use std::collections::BTreeMap;
 
+/// Who the node serves: fixed for the agent's life, part of `/status`.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    pub user: String,
+    pub uid: u32,
+    pub socket: String,
+}
+
 /// What the main loop publishes after every pass.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -23,11 +32,57 @@ pub struct Snapshot {
     pub heartbeat: Instant,
     /// Afterburn's instance attributes (`aws_instance_id`, ...), empty off-cloud.
     pub instance: BTreeMap<String, String>,
+    /// The probe bodies, serialised once here rather than once per request: a fleet's load
+    /// balancers and managers ask many times between two changes.
+    bodies: Arc<Bodies>,
+}
+
+#[derive(Debug)]
+struct Bodies {
+    ready: bool,
+    readyz: Bytes,
+    /// `/status` without `uptime_seconds` (the one field that changes between publishes):
+    /// a JSON object, completed per request by [`Bodies::status`].
+    status_rest: Bytes,
 }
 
 impl Snapshot {
-    pub fn new(checks: CheckSet) -> Self {
-        Snapshot { checks, heartbeat: Instant::now(), instance: BTreeMap::new() }
+    pub fn new(checks: CheckSet, instance: BTreeMap<String, String>, runner: &Runner) -> Self {
+        let ready = checks.ready();
+        let status = checks.status_line();
+        let readyz = serde_json::to_vec(&Readiness { ready, status: &status, checks: checks.checks() });
+        let status_rest = serde_json::to_vec(&Status {
+            version: env!("CARGO_PKG_VERSION"),
+            ready,
+            status: &status,
+            user: &runner.user,
+            uid: runner.uid,
+            socket: &runner.socket,
+            docker_host: format!("unix://{}", runner.socket),
+            instance: &instance,
+            checks: checks.checks(),
+        });
+        // The types above always serialise; a failure would be a bug worth a loud body.
+        let bytes = |r: serde_json::Result<Vec<u8>>| {
+            Bytes::from(r.unwrap_or_else(|e| format!("{{\"error\":\"serialising: {e}\"}}").into_bytes()))
+        };
+        let bodies = Bodies { ready, readyz: bytes(readyz), status_rest: bytes(status_rest) };
+        Snapshot { checks, heartbeat: Instant::now(), instance, bodies: Arc::new(bodies) }
+    }
+}
+
+impl Bodies {
+    /// `{"uptime_seconds":N,` followed by the rest of the serialised object.
+    fn status(&self, uptime_seconds: u64) -> Vec<u8> {
+        let rest = self.status_rest.strip_prefix(b"{").unwrap_or(&self.status_rest);
+        let mut body = Vec::with_capacity(rest.len() + 40);
+        body.extend_from_slice(b"{\"uptime_seconds\":");
+        body.extend_from_slice(uptime_seconds.to_string().as_bytes());
+        if rest != b"}" {
+            body.push(b',');
+        }
+        body.extend_from_slice(rest);
+        body
     }
 }
 
@@ -35,9 +90,6 @@ impl Snapshot {
 pub struct AppState {
     pub snapshot: watch::Receiver<Snapshot>,
     pub started: Instant,
-    pub user: String,
-    pub uid: u32,
-    pub socket: String,
     /// The main loop must have ticked within this long for `/healthz` to say it is alive.
     pub liveness_limit: Duration,
     pub metrics: Arc<Metrics>,
@@ -46,16 +98,15 @@ pub struct AppState {
 #[derive(Serialize)]
 struct Readiness<'a> {
     ready: bool,
-    status: String,
+    status: &'a str,
     checks: &'a [Check],
 }
 
 #[derive(Serialize)]
 struct Status<'a> {
     version: &'static str,
-    uptime_seconds: u64,
     ready: bool,
-    status: String,
+    status: &'a str,
     user: &'a str,
     uid: u32,
     socket: &'a str,
@@ -187,35 +238,14 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    // Serialise under the borrow: no copy of the checks per probe.
-    let (ready, body) = {
-        let snapshot = state.snapshot.borrow();
-        let ready = snapshot.checks.ready();
-        let body =
-            Readiness { ready, status: snapshot.checks.status_line(), checks: snapshot.checks.checks() };
-        (ready, serde_json::to_vec(&body))
-    };
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json_response(code, body)
+    let bodies = state.snapshot.borrow().bodies.clone();
+    let code = if bodies.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(code, bodies.readyz.clone())
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let body = {
-        let snapshot = state.snapshot.borrow();
-        serde_json::to_vec(&Status {
-            version: env!("CARGO_PKG_VERSION"),
-            uptime_seconds: state.started.elapsed().as_secs(),
-            ready: snapshot.checks.ready(),
-            status: snapshot.checks.status_line(),
-            user: &state.user,
-            uid: state.uid,
-            socket: &state.socket,
-            docker_host: format!("unix://{}", state.socket),
-            instance: &snapshot.instance,
-            checks: snapshot.checks.checks(),
-        })
-    };
-    json_response(StatusCode::OK, body)
+    let bodies = state.snapshot.borrow().bodies.clone();
+    json_response(StatusCode::OK, Bytes::from(bodies.status(state.started.elapsed().as_secs())))
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -226,11 +256,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn json_response(code: StatusCode, body: serde_json::Result<Vec<u8>>) -> Response {
-    match body {
-        Ok(bytes) => (code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+fn json_response(code: StatusCode, body: Bytes) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[cfg(test)]
@@ -246,17 +273,20 @@ mod tests {
     const LIVENESS_LIMIT: Duration = Duration::from_secs(30);
 
     fn state(checks: CheckSet, heartbeat: Instant) -> (watch::Sender<Snapshot>, Arc<AppState>) {
-        let (tx, rx) = watch::channel(Snapshot { heartbeat, ..Snapshot::new(checks) });
+        let (tx, rx) = watch::channel(Snapshot { heartbeat, ..snapshot(checks) });
         let state = AppState {
             snapshot: rx,
             started: Instant::now(),
-            user: "core".into(),
-            uid: 1000,
-            socket: "/run/user/1000/podman/podman.sock".into(),
             liveness_limit: LIVENESS_LIMIT,
             metrics: Arc::new(Metrics::new()),
         };
         (tx, Arc::new(state))
+    }
+
+    fn snapshot(checks: CheckSet) -> Snapshot {
+        let runner =
+            Runner { user: "core".into(), uid: 1000, socket: "/run/user/1000/podman/podman.sock".into() };
+        Snapshot::new(checks, BTreeMap::new(), &runner)
     }
 
     async fn call(state: &Arc<AppState>, method: Method, uri: &str) -> (StatusCode, serde_json::Value) {
@@ -296,7 +326,7 @@ mod tests {
         assert_eq!(call(&st, Method::GET, "/readyz").await.0, StatusCode::OK);
         let mut checks = all_passing();
         checks.record(vec![Observation::fail("podman-api", "connection refused")], SystemTime::now());
-        tx.send(Snapshot::new(checks)).unwrap();
+        tx.send(snapshot(checks)).unwrap();
         let (code, body) = call(&st, Method::GET, "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "not ready: podman-api: connection refused");
@@ -321,6 +351,49 @@ mod tests {
         assert_eq!(body["docker_host"], "unix:///run/user/1000/podman/podman.sock");
         assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
         assert_eq!(body["status"], "ready: 6/6 checks pass");
+    }
+
+    #[tokio::test]
+    async fn status_is_the_published_object_with_the_uptime_of_the_request() {
+        let (_tx, st) = state(all_passing(), Instant::now());
+        let (_, body) = call(&st, Method::GET, "/status").await;
+        let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "uptime_seconds",
+            "version",
+            "ready",
+            "status",
+            "user",
+            "uid",
+            "socket",
+            "docker_host",
+            "instance",
+            "checks",
+        ];
+        let mut got = keys.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(body["uptime_seconds"], 0);
+        assert_eq!(body["checks"].as_array().unwrap().len(), 6);
+
+        let bodies = Bodies { ready: false, readyz: Bytes::new(), status_rest: Bytes::from_static(b"{}") };
+        assert_eq!(bodies.status(7), b"{\"uptime_seconds\":7}");
+        let bodies = Bodies { status_rest: Bytes::from_static(b"{\"a\":1}"), ..bodies };
+        assert_eq!(bodies.status(12), b"{\"uptime_seconds\":12,\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_keeps_the_bodies_a_publish_replaces_them() {
+        let (tx, st) = state(all_passing(), Instant::now());
+        let before = st.snapshot.borrow().bodies.clone();
+        tx.send_modify(|s| s.heartbeat = Instant::now());
+        assert!(Arc::ptr_eq(&before, &st.snapshot.borrow().bodies));
+        let mut checks = all_passing();
+        checks.record(vec![Observation::fail("linger", "off")], SystemTime::now());
+        tx.send(snapshot(checks)).unwrap();
+        assert!(!st.snapshot.borrow().bodies.ready);
+        assert_eq!(call(&st, Method::GET, "/readyz").await.1["status"], "not ready: linger: off");
     }
 
     #[tokio::test]

@@ -92,6 +92,20 @@ impl Inspection {
     }
 }
 
+/// What a repair changed, and what it saw when done if that already proves the result (so
+/// the pass need not inspect the step again).
+#[derive(Debug, Default)]
+pub struct Repaired {
+    pub changes: Vec<String>,
+    pub proof: Option<Inspection>,
+}
+
+impl From<Vec<String>> for Repaired {
+    fn from(changes: Vec<String>) -> Self {
+        Repaired { changes, proof: None }
+    }
+}
+
 /// The provisioning steps and checks, in the order they are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {
@@ -228,20 +242,21 @@ impl Step {
     }
 
     /// Makes the node match the configuration; returns what was changed.
-    pub async fn converge(self, cx: &Context) -> Result<Vec<String>> {
-        match self {
+    pub async fn converge(self, cx: &Context) -> Result<Repaired> {
+        let changes = match self {
             Step::Drain => Ok(Vec::new()),
             Step::Canary => canary::converge(cx).await,
             Step::SubIds => subids::converge(cx).await,
             Step::UnprivilegedPorts => unprivileged_ports::converge(cx).await,
             Step::Linger => linger::converge(cx).await,
             Step::PodmanConfig => podman_config::converge(cx).await,
-            Step::PodmanSocket => podman_socket::converge(cx).await,
+            Step::PodmanSocket => return podman_socket::converge(cx).await,
             Step::IdMapping => id_mapping::converge(cx).await,
             Step::Storage => storage::converge(cx).await,
             Step::HostTools => host_tools::converge(cx).await,
             Step::RunnerPrivileges => runner_privileges::converge(cx).await,
-        }
+        };
+        changes.map(Repaired::from)
     }
 }
 

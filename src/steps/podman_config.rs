@@ -37,15 +37,68 @@ pub const HELPER_DIRS: [&str; 6] =
 // ------------------------------------------------------------------------------------------------
 // Pure parts: TOML and JSON edits, the storage driver decision.
 
-/// One key we own in a TOML file: `[table] key = "value"`.
+/// One key we own in a TOML file: `[table] key = value`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Setting {
     pub table: &'static str,
     pub key: &'static str,
-    pub value: String,
+    pub value: Scalar,
 }
 
-/// A key whose value changes; `from` is `None` when it was not set.
+/// The value of a key we own: Podman reads strings and integers, typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scalar {
+    Str(String),
+    Int(i64),
+}
+
+impl Scalar {
+    fn matches(&self, value: &toml_edit::Value) -> bool {
+        match self {
+            Scalar::Str(s) => value.as_str() == Some(s.as_str()),
+            Scalar::Int(n) => value.as_integer() == Some(*n),
+        }
+    }
+
+    /// As written in the file (strings quoted), for the journal's "set ... = ...".
+    fn repr(&self) -> String {
+        match self {
+            Scalar::Str(s) => format!("{s:?}"),
+            Scalar::Int(n) => n.to_string(),
+        }
+    }
+
+    fn to_toml(&self) -> toml_edit::Value {
+        match self {
+            Scalar::Str(s) => s.as_str().into(),
+            Scalar::Int(n) => (*n).into(),
+        }
+    }
+}
+
+impl From<&str> for Scalar {
+    fn from(s: &str) -> Self {
+        Scalar::Str(s.to_string())
+    }
+}
+
+impl From<String> for Scalar {
+    fn from(s: String) -> Self {
+        Scalar::Str(s)
+    }
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Str(s) => f.write_str(s),
+            Scalar::Int(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A key whose value changes, both as written in the file (strings quoted); `from` is `None`
+/// when it was not set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub what: String,
@@ -56,8 +109,8 @@ pub struct Change {
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.from {
-            None => write!(f, "{} = {:?}", self.what, self.to),
-            Some(from) => write!(f, "{} = {:?} (was {from})", self.what, self.to),
+            None => write!(f, "{} = {}", self.what, self.to),
+            Some(from) => write!(f, "{} = {} (was {from})", self.what, self.to),
         }
     }
 }
@@ -90,6 +143,12 @@ pub fn toml_value(text: &str, table: &str, key: &str) -> Result<Option<String>, 
     }
 }
 
+/// The value of `[table] key` as written (any type), if set.
+fn toml_raw(text: &str, table: &str, key: &str) -> Option<toml_edit::Value> {
+    let doc: toml_edit::DocumentMut = text.parse().ok()?;
+    doc.get(table)?.as_table_like()?.get(key)?.as_value().cloned()
+}
+
 /// Sets `settings` in a TOML text, keeping everything else. `Ok(None)` when every key
 /// already has its value (nothing to write).
 pub fn edit_toml(text: &str, settings: &[Setting]) -> Result<Option<(String, Vec<Change>)>, String> {
@@ -106,21 +165,21 @@ pub fn edit_toml(text: &str, settings: &[Setting]) -> Result<Option<(String, Vec
         let what = format!("[{}] {}", s.table, s.key);
         match table.get_mut(s.key) {
             None => {
-                table.insert(s.key, toml_edit::value(s.value.as_str()));
-                changes.push(Change { what, from: None, to: s.value.clone() });
+                table.insert(s.key, toml_edit::Item::Value(s.value.to_toml()));
+                changes.push(Change { what, from: None, to: s.value.repr() });
             }
             Some(item) => {
                 let value =
                     item.as_value_mut().ok_or_else(|| format!("{}.{} is not a value", s.table, s.key))?;
-                if value.as_str() == Some(s.value.as_str()) {
+                if s.value.matches(value) {
                     continue;
                 }
                 let from = value.clone().decorated("", "").to_string();
                 // Keep the comment after the value and the spacing around it.
                 let decor = value.decor().clone();
-                *value = toml_edit::Value::from(s.value.as_str());
+                *value = s.value.to_toml();
                 *value.decor_mut() = decor;
-                changes.push(Change { what, from: Some(from), to: s.value.clone() });
+                changes.push(Change { what, from: Some(from), to: s.value.repr() });
             }
         }
     }
@@ -154,7 +213,7 @@ pub fn merge_cred_helpers(
         changes.push(Change {
             what: format!("credHelpers[{registry:?}]"),
             from: current.map(|v| v.to_string()),
-            to: helper.clone(),
+            to: format!("{helper:?}"),
         });
         helpers.insert(registry.clone(), serde_json::Value::String(helper.clone()));
     }
@@ -231,7 +290,7 @@ pub fn tmpfiles_contents(uid: u32, user: &str) -> String {
 }
 
 fn storage_settings(cfg: &PodmanConfig) -> Vec<Setting> {
-    vec![Setting { table: "storage", key: "driver", value: cfg.storage_driver.clone() }]
+    vec![Setting { table: "storage", key: "driver", value: cfg.storage_driver.clone().into() }]
 }
 
 fn containers_settings(cfg: &PodmanConfig) -> Vec<Setting> {
@@ -239,11 +298,15 @@ fn containers_settings(cfg: &PodmanConfig) -> Vec<Setting> {
         Setting { table: "engine", key: "cgroup_manager", value: "systemd".into() },
         Setting { table: "engine", key: "events_logger", value: "journald".into() },
     ];
+    if cfg.keep_api_service {
+        // `podman system service --time` defaults to this: 0 never exits when idle.
+        settings.push(Setting { table: "engine", key: "service_timeout", value: Scalar::Int(0) });
+    }
     if !cfg.network_cmd.is_empty() {
         settings.push(Setting {
             table: "network",
             key: "default_rootless_network_cmd",
-            value: cfg.network_cmd.clone(),
+            value: cfg.network_cmd.clone().into(),
         });
     }
     settings
@@ -408,14 +471,16 @@ fn drop_in_overrides(dir: Option<&Dir>, settings: &[Setting], owner: Owner) -> V
             }
         };
         for s in settings {
-            if let Ok(Some(v)) = toml_value(&file.text, s.table, s.key) {
-                if v != s.value {
+            if let Some(v) = toml_raw(&file.text, s.table, s.key) {
+                if !s.value.matches(&v) {
+                    // Only the type and our value are shown: the text is the user's.
                     found.push(format!(
-                        "{}/{name} sets [{}] {} = {v:?}, which overrides {:?}",
+                        "{}/{name} sets [{}] {} (type {}), which overrides {:?}",
                         d.path.display(),
                         s.table,
                         s.key,
-                        s.value
+                        v.type_name(),
+                        s.value.to_string()
                     ));
                 }
             }
@@ -465,6 +530,9 @@ fn see(cx: &Context) -> Seen {
     plan_toml(dir, "containers.conf", &containers, owner, &mut seen);
     seen.problems.extend(drop_in_overrides(dir, &containers, owner));
     seen.facts.push("cgroup_manager systemd, events to the journal".into());
+    if cfg.keep_api_service {
+        seen.facts.push("API service kept running".into());
+    }
     if !cfg.network_cmd.is_empty() {
         seen.facts.push(format!("network {}", cfg.network_cmd));
     }
@@ -720,10 +788,70 @@ mod tests {
     }
 
     #[test]
+    fn integer_keys_are_written_and_compared_as_integers() {
+        let timeout = Setting { table: "engine", key: "service_timeout", value: Scalar::Int(0) };
+        let (text, changes) = edit_toml("", std::slice::from_ref(&timeout)).unwrap().unwrap();
+        assert_eq!(text, "[engine]\nservice_timeout = 0\n");
+        assert_eq!(changes[0].to_string(), "[engine] service_timeout = 0");
+        assert_eq!(edit_toml(&text, std::slice::from_ref(&timeout)).unwrap(), None);
+        // A string "0" is not Podman's integer: replaced, comment kept.
+        let (text, changes) =
+            edit_toml("[engine]\nservice_timeout = \"0\" # mine\n", std::slice::from_ref(&timeout))
+                .unwrap()
+                .unwrap();
+        assert_eq!(text, "[engine]\nservice_timeout = 0 # mine\n");
+        assert_eq!(changes[0].from.as_deref(), Some("\"0\""));
+        let (text, _) =
+            edit_toml("[engine]\nservice_timeout = 5\n", std::slice::from_ref(&timeout)).unwrap().unwrap();
+        assert_eq!(text, "[engine]\nservice_timeout = 0\n");
+    }
+
+    #[test]
+    fn a_drop_in_overriding_our_keys_is_named_by_type_not_by_its_text() {
+        let home = tempfile::tempdir().unwrap();
+        let dropins = home.path().join("containers.conf.d");
+        std::fs::create_dir(&dropins).unwrap();
+        std::fs::write(
+            dropins.join("90-mine.conf"),
+            "[engine]\nservice_timeout = 5\ncgroup_manager = \"secret\\nMAINPID=1\"\nevents_logger = \"journald\"\n",
+        )
+        .unwrap();
+        let dir = Dir::open(home.path(), None).unwrap().unwrap();
+        let owner = Owner { uid: 0, gid: 0 };
+        let found = drop_in_overrides(Some(&dir), &containers_settings(&PodmanConfig::default()), owner);
+        let path = dropins.join("90-mine.conf");
+        assert_eq!(
+            found,
+            vec![
+                format!(
+                    "{} sets [engine] cgroup_manager (type string), which overrides \"systemd\"",
+                    path.display()
+                ),
+                format!(
+                    "{} sets [engine] service_timeout (type integer), which overrides \"0\"",
+                    path.display()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn keep_api_service_owns_the_service_timeout() {
+        let mut cfg = PodmanConfig::default();
+        let timeout = Setting { table: "engine", key: "service_timeout", value: Scalar::Int(0) };
+        assert!(containers_settings(&cfg).contains(&timeout));
+        cfg.keep_api_service = false;
+        assert!(!containers_settings(&cfg).iter().any(|s| s.key == "service_timeout"));
+    }
+
+    #[test]
     fn adds_our_keys_to_an_empty_file() {
         let (text, changes) = edit_toml("", &[s("storage", "driver", "overlay")]).unwrap().unwrap();
         assert_eq!(text, "[storage]\ndriver = \"overlay\"\n");
-        assert_eq!(changes, [Change { what: "[storage] driver".into(), from: None, to: "overlay".into() }]);
+        assert_eq!(
+            changes,
+            [Change { what: "[storage] driver".into(), from: None, to: "\"overlay\"".into() }]
+        );
         assert_eq!(toml_value(&text, "storage", "driver").unwrap().as_deref(), Some("overlay"));
     }
 
@@ -755,7 +883,7 @@ mod tests {
         for setting in &settings {
             assert_eq!(
                 toml_value(&after, setting.table, setting.key).unwrap().as_deref(),
-                Some(&*setting.value)
+                Some(setting.value.to_string().as_str())
             );
         }
         assert!(

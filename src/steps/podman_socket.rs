@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
-use super::{Context, Inspection};
+use super::{Context, Inspection, Repaired};
 use crate::checks::Observation;
 use crate::podman_api::{self, EngineVersion};
 use crate::systemd::UnitState;
@@ -65,7 +65,11 @@ async fn see(cx: &Context) -> Seen {
 }
 
 pub async fn inspect(cx: &Context) -> Inspection {
-    let seen = see(cx).await;
+    judge(cx, &see(cx).await)
+}
+
+/// The checks and the plan for what was seen.
+fn judge(cx: &Context, seen: &Seen) -> Inspection {
     let unit_name = &cx.settings.podman.socket_unit;
     let user = &cx.user.name;
     let mut plan = Vec::new();
@@ -111,7 +115,9 @@ pub async fn inspect(cx: &Context) -> Inspection {
     Inspection { observations: vec![socket, api], plan }
 }
 
-pub async fn converge(cx: &Context) -> Result<Vec<String>> {
+/// Starts (or restarts) the socket and proves the API; what it saw then is the step's
+/// inspection, so the pass does not ask the user manager and the API a second time.
+pub async fn converge(cx: &Context) -> Result<Repaired> {
     let seen = see(cx).await;
     let unit_was_active = seen.unit.as_ref().is_ok_and(|s| s.is_active());
     let restart = unit_was_active && (!seen.socket_file || seen.api.is_err());
@@ -128,12 +134,20 @@ pub async fn converge(cx: &Context) -> Result<Vec<String>> {
     let changes: Vec<String> =
         report.changes.into_iter().map(|c| format!("{c} for {}", cx.user.name)).collect();
     // Prove the API before calling the step done.
-    if let Err(e) = client(cx).probe().await {
-        bail!(
+    let api = match client(cx).probe().await {
+        Ok(version) => version,
+        Err(e) => bail!(
             "{} is active but the API does not answer: {}",
             cx.settings.podman.socket_unit,
             crate::journal::detail(&e)
-        );
-    }
-    Ok(changes)
+        ),
+    };
+    // The API answered through the socket file, so the file is there; looked at anyway, as
+    // inspect does, so that a refused file still says why.
+    let (socket_file, socket_refused) = match socket_file(cx) {
+        Ok(present) => (present, None),
+        Err(why) => (false, Some(why)),
+    };
+    let seen = Seen { unit: Ok(report.state), socket_file, socket_refused, api: Ok(api) };
+    Ok(Repaired { changes, proof: Some(judge(cx, &seen)) })
 }

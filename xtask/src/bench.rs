@@ -143,7 +143,7 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
             eprintln!("==> time to ready: {} boot {}/{}", v.name(), round + 1, opts.boots);
             // A failed boot (a baseline's race, say) is reported, not measured; the variant gets
             // another node, at most twice per bench.
-            let (mut n, b) = loop {
+            let (mut n, mut b) = loop {
                 match ready::boot_one(
                     &name,
                     v,
@@ -167,6 +167,18 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
                 b.exec_to_node_ready()
                     .map_or(String::new(), |s| format!(", agent exec -> NODE_READY {s:.3} s"))
             );
+            if !opts.ready_only && v != Variant::Shell {
+                match ready::first_job(&mut n, b.ready_us) {
+                    Ok(secs) => {
+                        eprintln!(
+                            "    first job's docker run, {:?} after ready: {secs:.3} s",
+                            ready::FIRST_JOB_AFTER
+                        );
+                        b.first_job_s = Some(secs);
+                    }
+                    Err(e) => eprintln!("    first job FAILED (not measured): {e:#}"),
+                }
+            }
             if opts.keep && opts.ready_only && v == Variant::Agent && round + 1 == opts.boots {
                 let leader = n.leader()?;
                 eprintln!("    leaving node {} running (leader PID {leader})", n.name);
@@ -800,6 +812,21 @@ impl Report {
             "–",
             "–",
             None,
+        ));
+
+        let job = |v: Variant| self.of(v).iter().filter_map(|b| b.first_job_s).collect::<Vec<_>>();
+        let (ja, jl) = (job(Variant::Agent), job(Variant::Lean));
+        let (mja, mjl) = (median(&ja).unwrap_or(f64::MAX), median(&jl).unwrap_or(0.0));
+        rows.push(row(
+            format!(
+                "1. a first job's `docker run --rm` {} s after ready (image present) vs lean",
+                ready::FIRST_JOB_AFTER.as_secs()
+            ),
+            summary_s(&ja),
+            summary_s(&jl),
+            ratio(mja, mjl),
+            "≤ 1.0",
+            (!ja.is_empty() && !jl.is_empty()).then_some(mja <= mjl),
         ));
 
         // 2. Probe cost.

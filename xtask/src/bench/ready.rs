@@ -272,6 +272,8 @@ pub struct Boot {
     pub user_manager: Option<(u64, u64)>,
     /// The agent's journal from its start, for the breakdown: (µs after exec, message).
     pub journal: Vec<(u64, String)>,
+    /// A job's first `docker run` some seconds after ready (see [`FIRST_JOB_AFTER`]), s.
+    pub first_job_s: Option<f64>,
 }
 
 impl Boot {
@@ -290,6 +292,30 @@ impl Boot {
     pub fn unit_to_readyz(&self) -> Option<f64> {
         Some(secs(self.readyz_us?.saturating_sub(self.start_us)))
     }
+}
+
+/// When the bench's first job arrives after ready: later than Podman's 5 s idle exit of the
+/// API service, as a job that the manager schedules after `instance_ready_command` does.
+pub const FIRST_JOB_AFTER: Duration = Duration::from_secs(6);
+
+/// A first job on a just-ready node: the image is there already (imported with the podman CLI,
+/// which does not touch the API service), then at ready + [`FIRST_JOB_AFTER`] one
+/// `docker run --rm` through the socket, timed inside the node. A node that let the service
+/// exit pays for its start here.
+pub fn first_job(node: &mut Node, ready_us: u64) -> Result<f64> {
+    node::import_test_image(node)?;
+    let at = ready_us + FIRST_JOB_AFTER.as_micros() as u64;
+    let now = node::monotonic_us();
+    if at > now {
+        std::thread::sleep(Duration::from_micros(at - now));
+    }
+    let out = node.run_as_core(&format!(
+        "export DOCKER_HOST=unix://{}; s=$(date +%s%N); docker run --rm localhost/busybox true; \
+         e=$(date +%s%N); echo $((e - s))",
+        node::PODMAN_SOCK
+    ))?;
+    let ns: u64 = out.trim().lines().last().unwrap_or("").parse().context("the first job's time")?;
+    Ok(ns as f64 / 1e9)
 }
 
 pub fn secs(us: u64) -> f64 {
@@ -446,6 +472,7 @@ pub fn boot_one(
         readyz_us,
         user_manager: (um[0] > 0 && um[1] > 0).then_some((um[0], um[1])),
         journal: Vec::new(),
+        first_job_s: None,
     };
     if variant == Variant::Agent {
         boot.exec_us = Some(t[0]);
