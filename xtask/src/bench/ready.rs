@@ -129,7 +129,7 @@ export DOCKER_HOST=unix:///run/user/1000/podman/podman.sock
 n=bench-canary-$$
 limits="--memory 64m --cpus 0.5 --pids-limit 32"
 docker image inspect localhost/bench-canary >/dev/null 2>&1 ||
-    docker import -q /opt/e2e/busybox.tar localhost/bench-canary >/dev/null
+    docker import /opt/e2e/busybox.tar localhost/bench-canary >/dev/null
 docker network create "$n" >/dev/null
 docker volume create "$n" >/dev/null
 docker run -d --name "$n-service" --network "$n" --network-alias canary-service \
