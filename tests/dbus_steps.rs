@@ -444,7 +444,7 @@ async fn linger_is_off_before_converge_and_on_after() {
         }
     );
 
-    let changes = bounded(Step::Linger.converge(&cx)).await.expect("converge");
+    let changes = bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).expect("converge");
     assert_eq!(changes, ["enabled linger for core", "started user@1000.service"]);
 
     let after = bounded(Step::Linger.inspect(&cx)).await;
@@ -479,7 +479,7 @@ async fn linger_converge_returns_only_once_the_user_manager_is_active() {
     let cx = context(d.client().await);
 
     let started = Instant::now();
-    bounded(Step::Linger.converge(&cx)).await.expect("converge");
+    bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).expect("converge");
     let took = started.elapsed();
     // Read before anything else can run: logind's start must be over when converge returns.
     assert_eq!(
@@ -512,7 +512,7 @@ async fn linger_converge_resets_a_failed_user_manager() {
     );
     assert_eq!(inspection.plan, ["start user@1000.service and wait until it is active"]);
 
-    let changes = bounded(Step::Linger.converge(&cx)).await.expect("converge");
+    let changes = bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).expect("converge");
     assert_eq!(changes, ["started user@1000.service"]);
     assert_eq!(d.unit(USER_MANAGER).active_state, "active");
     assert_eq!(
@@ -534,7 +534,7 @@ async fn linger_converge_reports_a_user_manager_that_fails_to_start() {
     d.add_unit(USER_MANAGER, Unit::loaded("static", "inactive", "dead"));
     d.plan(USER_MANAGER, after(20, "failed"));
     let cx = context(d.client().await);
-    let err = bounded(Step::Linger.converge(&cx)).await.unwrap_err();
+    let err = bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).unwrap_err();
     assert_eq!(format!("{err:#}"), "starting user@1000.service: job failed");
 }
 
@@ -545,7 +545,7 @@ async fn linger_converge_times_out_when_the_user_manager_never_comes_up() {
     d.plan(USER_MANAGER, JobPlan { removal: Removal::Never, ..JobPlan::default() });
     let mut cx = context(d.client().await);
     cx.settings.linger.user_manager_timeout = Duration::from_millis(300);
-    let err = bounded(Step::Linger.converge(&cx)).await.unwrap_err();
+    let err = bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).unwrap_err();
     assert_eq!(err.to_string(), "starting user@1000.service: no result within 300ms");
 }
 
@@ -558,7 +558,10 @@ async fn linger_on_with_the_user_manager_running_needs_nothing() {
     let inspection = bounded(Step::Linger.inspect(&cx)).await;
     assert!(inspection.converged(), "{inspection:?}");
     assert_eq!(inspection.observations[0].detail, "linger on for core, user@1000.service active");
-    assert_eq!(bounded(Step::Linger.converge(&cx)).await.expect("converge"), Vec::<String>::new());
+    assert_eq!(
+        bounded(Step::Linger.converge(&cx)).await.map(|r| r.changes).expect("converge"),
+        Vec::<String>::new()
+    );
     assert_eq!(
         d.calls(),
         ["GetUser 1000", "LoadUnit user@1000.service", "GetUser 1000", "LoadUnit user@1000.service"]
@@ -623,7 +626,7 @@ async fn mask_docker_masks_both_units_then_stops_them_socket_first() {
         ]
     );
     d.world().calls.clear();
-    let changes = bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap();
+    let changes = bounded(Step::RunnerPrivileges.converge(&cx)).await.map(|r| r.changes).unwrap();
     assert_eq!(
         changes,
         [
@@ -651,7 +654,7 @@ async fn mask_docker_masks_both_units_then_stops_them_socket_first() {
     let after = bounded(Step::RunnerPrivileges.inspect(&cx)).await;
     assert!(after.plan.is_empty(), "{:?}", after.plan);
     assert!(after.observations[0].detail.contains("docker.socket is masked"), "{:?}", after.observations);
-    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap().is_empty());
+    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.map(|r| r.changes).unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -670,6 +673,6 @@ async fn without_mask_docker_an_enabled_docker_socket_is_only_reported() {
         "{:?}",
         seen.observations
     );
-    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.unwrap().is_empty());
+    assert!(bounded(Step::RunnerPrivileges.converge(&cx)).await.map(|r| r.changes).unwrap().is_empty());
     assert!(!d.calls().iter().any(|c| c.starts_with("MaskUnitFiles") || c.starts_with("StopUnit")));
 }

@@ -19,13 +19,12 @@ struct Server {
 async fn start(limits: Limits) -> Server {
     let mut checks = CheckSet::pending(SystemTime::now());
     checks.record(CHECK_NAMES.iter().map(|&n| Observation::pass(n, "fine")).collect(), SystemTime::now());
-    let (tx, rx) = tokio::sync::watch::channel(Snapshot::new(checks));
+    let runner =
+        http::Runner { user: "core".into(), uid: 1000, socket: "/run/user/1000/podman/podman.sock".into() };
+    let (tx, rx) = tokio::sync::watch::channel(Snapshot::new(checks, Default::default(), &runner));
     let state = Arc::new(AppState {
         snapshot: rx,
         started: Instant::now(),
-        user: "core".into(),
-        uid: 1000,
-        socket: "/run/user/1000/podman/podman.sock".into(),
         liveness_limit: Duration::from_secs(60),
         metrics: Arc::new(executor_agent::metrics::Metrics::new()),
     });

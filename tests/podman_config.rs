@@ -108,13 +108,13 @@ async fn a_fresh_home_is_configured_once() {
             format!("create with [storage] driver = \"overlay\" in {}", storage.display()),
             format!(
                 "create with [engine] cgroup_manager = \"systemd\", [engine] events_logger = \"journald\", \
-                 [network] default_rootless_network_cmd = \"pasta\" in {}",
+                 [engine] service_timeout = 0, [network] default_rootless_network_cmd = \"pasta\" in {}",
                 node.conf("containers.conf").display()
             ),
         ]
     );
 
-    let changes = Step::PodmanConfig.converge(&cx).await.unwrap();
+    let changes = Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap();
     assert_eq!(changes.len(), 4, "{changes:?}");
     assert_eq!(fs::read_to_string(&storage).unwrap(), "[storage]\ndriver = \"overlay\"\n");
     let containers = fs::read_to_string(node.conf("containers.conf")).unwrap();
@@ -122,6 +122,8 @@ async fn a_fresh_home_is_configured_once() {
     assert_eq!(parsed["engine"]["cgroup_manager"].as_str(), Some("systemd"));
     assert_eq!(parsed["engine"]["events_logger"].as_str(), Some("journald"));
     assert_eq!(parsed["network"]["default_rootless_network_cmd"].as_str(), Some("pasta"));
+    // An integer, as Podman reads it: a string would fail its parse.
+    assert_eq!(parsed["engine"]["service_timeout"].as_integer(), Some(0));
     // Owned by the user, as Podman would have made them.
     assert_eq!(owner_mode(&storage), (UID, GID, 0o644));
     assert_eq!(owner_mode(&node.conf("containers.conf")), (UID, GID, 0o644));
@@ -136,11 +138,11 @@ async fn a_fresh_home_is_configured_once() {
     let after = Step::PodmanConfig.inspect(&cx).await;
     assert!(observation(&after).ok, "{after:?}");
     assert!(after.plan.is_empty());
-    assert_eq!(observation(&after).detail, "storage driver overlay, cgroup_manager systemd, events to the journal, network pasta, no docker.sock link");
+    assert_eq!(observation(&after).detail, "storage driver overlay, cgroup_manager systemd, events to the journal, API service kept running, network pasta, no docker.sock link");
 
     // A second converge changes nothing, not even the files' inodes or times.
     let stamps = (stamp(&storage), stamp(&node.conf("containers.conf")));
-    assert!(Step::PodmanConfig.converge(&cx).await.unwrap().is_empty());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap().is_empty());
     assert_eq!((stamp(&storage), stamp(&node.conf("containers.conf"))), stamps);
 }
 
@@ -150,7 +152,7 @@ async fn the_users_keys_and_comments_stay() {
     let before = "# tuned by hand\n[storage]\ndriver = \"vfs\"  # first try\n\n[storage.options]\nmount_program = \"/usr/bin/fuse-overlayfs\"\n";
     let storage = node.user_file(".config/containers/storage.conf", before);
     fs::set_permissions(&storage, fs::Permissions::from_mode(0o600)).unwrap();
-    node.user_file(".config/containers/containers.conf", "[engine]\ncgroup_manager = \"systemd\"\nevents_logger = \"journald\"\n[containers]\npids_limit = 4096\n");
+    node.user_file(".config/containers/containers.conf", "[engine]\ncgroup_manager = \"systemd\"\nevents_logger = \"journald\"\nservice_timeout = 0\n[containers]\npids_limit = 4096\n");
     let containers_stamp = stamp(&node.conf("containers.conf"));
     let cx = node.context(|_| {});
 
@@ -159,7 +161,7 @@ async fn the_users_keys_and_comments_stay() {
         inspection.plan,
         [format!("set [storage] driver = \"overlay\" (was \"vfs\") in {}", storage.display())]
     );
-    Step::PodmanConfig.converge(&cx).await.unwrap();
+    Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap();
     assert_eq!(
         fs::read_to_string(&storage).unwrap(),
         "# tuned by hand\n[storage]\ndriver = \"overlay\"  # first try\n\n[storage.options]\nmount_program = \"/usr/bin/fuse-overlayfs\"\n"
@@ -185,7 +187,7 @@ async fn storage_made_with_vfs_is_not_switched() {
     assert!(obs.detail.contains("podman system reset"), "{}", obs.detail);
     assert!(!inspection.plan.iter().any(|p| p.contains("storage.conf")), "{:?}", inspection.plan);
 
-    let err = Step::PodmanConfig.converge(&cx).await.unwrap_err();
+    let err = Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap_err();
     assert!(err.to_string().contains("vfs"), "{err}");
     assert!(!node.conf("storage.conf").exists(), "the driver must not be switched");
     // The rest is still configured.
@@ -205,7 +207,7 @@ async fn a_symlinked_directory_does_not_lead_root_elsewhere() {
     let obs = observation(&Step::PodmanConfig.inspect(&cx).await).clone();
     assert!(!obs.ok);
     assert!(obs.detail.contains("it is a symlink"), "{}", obs.detail);
-    let err = Step::PodmanConfig.converge(&cx).await.unwrap_err();
+    let err = Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap_err();
     assert!(err.to_string().contains("symlink"), "{err}");
     assert_eq!(fs::read_to_string(elsewhere.join("storage.conf")).unwrap(), "root's\n");
     let names: Vec<_> = fs::read_dir(&elsewhere).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -216,7 +218,7 @@ async fn a_symlinked_directory_does_not_lead_root_elsewhere() {
     let node = Node::new().unwrap();
     symlink(&elsewhere, node.home().join(".config")).unwrap();
     let cx = node.context(|_| {});
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     assert!(!elsewhere.join("containers").exists());
 }
 
@@ -234,7 +236,7 @@ async fn a_symlinked_or_hard_linked_file_is_neither_read_nor_replaced() {
     assert!(!obs.ok);
     assert!(obs.detail.contains("storage.conf: it is a symlink"), "{}", obs.detail);
     assert!(!obs.detail.contains("secret"), "{}", obs.detail);
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     assert_eq!(fs::read_to_string(&secret).unwrap(), "root:$6$secret:19000::::::\n");
     assert_eq!(owner_mode(&secret), (0, 0, 0o600));
 
@@ -244,7 +246,7 @@ async fn a_symlinked_or_hard_linked_file_is_neither_read_nor_replaced() {
     let obs = observation(&Step::PodmanConfig.inspect(&cx).await).clone();
     assert!(obs.detail.contains("hard links"), "{}", obs.detail);
     assert!(!obs.detail.contains("secret"), "{}", obs.detail);
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     assert_eq!(fs::read_to_string(&secret).unwrap(), "root:$6$secret:19000::::::\n");
     assert_eq!(owner_mode(&secret), (0, 0, 0o600));
 }
@@ -257,7 +259,7 @@ async fn another_users_file_or_directory_is_refused() {
     let cx = node.context(|_| {});
     let obs = observation(&Step::PodmanConfig.inspect(&cx).await).clone();
     assert!(obs.detail.contains("owned by UID 4243, not the runner user"), "{}", obs.detail);
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     assert_eq!(fs::read_to_string(&path).unwrap(), "[engine]\n");
 
     std::os::unix::fs::chown(&path, Some(UID), Some(GID)).unwrap();
@@ -275,7 +277,7 @@ async fn a_broken_file_is_reported_and_left_alone() {
     let obs = observation(&Step::PodmanConfig.inspect(&cx).await).clone();
     assert!(obs.detail.starts_with("storage.conf: line 3, column"), "{}", obs.detail);
     assert!(!obs.detail.contains("s3cr3t"), "{}", obs.detail);
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     assert_eq!(fs::read_to_string(&path).unwrap(), text);
 }
 
@@ -314,7 +316,7 @@ async fn credential_helpers_are_merged_and_their_binaries_checked() {
     );
 
     // The file is written even though the helper is missing; the check keeps failing.
-    assert!(Step::PodmanConfig.converge(&cx).await.is_err());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).is_err());
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&auth).unwrap()).unwrap();
     assert_eq!(v["auths"]["quay.io"]["auth"], "dXNlcjpwYXNz");
     assert_eq!(v["credHelpers"][registry], "ecr-login");
@@ -325,7 +327,7 @@ async fn credential_helpers_are_merged_and_their_binaries_checked() {
     assert!(observation(&after).ok, "{after:?}");
     assert!(observation(&after).detail.contains("credential helpers ecr-login"));
     let before = stamp(&auth);
-    assert!(Step::PodmanConfig.converge(&cx).await.unwrap().is_empty());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap().is_empty());
     assert_eq!(stamp(&auth), before);
 }
 
@@ -336,7 +338,7 @@ async fn a_new_auth_file_is_private() {
     let cx = node.context(|s| {
         s.podman_config.cred_helpers = BTreeMap::from([("r.example".to_string(), "ecr-login".to_string())])
     });
-    Step::PodmanConfig.converge(&cx).await.unwrap();
+    Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap();
     assert_eq!(owner_mode(&node.conf("auth.json")), (UID, GID, 0o600));
 }
 
@@ -348,10 +350,17 @@ async fn a_user_drop_in_that_overrides_our_keys_is_reported() {
         "[engine]\nevents_logger = \"file\"\n",
     );
     let cx = node.context(|_| {});
-    Step::PodmanConfig.converge(&cx).await.unwrap_err();
+    Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap_err();
     let obs = observation(&Step::PodmanConfig.inspect(&cx).await).clone();
     assert!(!obs.ok);
-    assert!(obs.detail.contains("99-mine.conf sets [engine] events_logger = \"file\""), "{}", obs.detail);
+    // Named by key and type: the drop-in's text is the user's and is not echoed.
+    assert!(
+        obs.detail
+            .contains("99-mine.conf sets [engine] events_logger (type string), which overrides \"journald\""),
+        "{}",
+        obs.detail
+    );
+    assert!(!obs.detail.contains("\"file\""), "{}", obs.detail);
 }
 
 #[tokio::test]
@@ -383,7 +392,7 @@ async fn unmanaged_means_untouched() {
     let cx = node.context(|s| s.podman_config.manage = false);
     let inspection = Step::PodmanConfig.inspect(&cx).await;
     assert!(observation(&inspection).ok);
-    assert!(Step::PodmanConfig.converge(&cx).await.unwrap().is_empty());
+    assert!(Step::PodmanConfig.converge(&cx).await.map(|r| r.changes).unwrap().is_empty());
     assert!(!node.home().join(".config").exists());
 }
 
