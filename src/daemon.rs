@@ -430,7 +430,6 @@ pub async fn run(mut cx: Context) -> Result<()> {
         was_ever_ready: false,
     };
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
-    let mut first_pass = true;
     let mut ready_sent = false;
     let mut first_pass_done = None;
     // READY=1 waits for the first canary round, within its bounds.
@@ -475,6 +474,7 @@ pub async fn run(mut cx: Context) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
+        let first_pass = first_pass_done.is_none();
         if woken || first_pass || Instant::now() >= pass_due {
             let limit = pass_limit(&cx.settings);
             if tokio::time::timeout(limit, one_pass(&cx, &steps, &mut backoff, &mut reporter)).await.is_err()
@@ -493,7 +493,6 @@ pub async fn run(mut cx: Context) -> Result<()> {
                     started.elapsed(),
                     reporter.status_line
                 );
-                first_pass = false;
                 first_pass_done = Some(Instant::now());
             }
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
@@ -508,7 +507,7 @@ pub async fn run(mut cx: Context) -> Result<()> {
                 }
             }
         }
-        if !ready_sent && !first_pass {
+        if !ready_sent && first_pass_done.is_some() {
             // Wait for the first round only when it decides readiness: a node that another
             // required check keeps from being ready is started (READY=1) at once.
             let others_fail = reporter

@@ -348,14 +348,7 @@ mod tests {
         nix::unistd::geteuid().as_raw()
     }
 
-    /// A symlink as the runner user makes it: its own (root's links in root's directories
-    /// are followed).
-    fn users_symlink(target: &Path, link: &Path) {
-        std::os::unix::fs::symlink(target, link).unwrap();
-        if nix::unistd::geteuid().is_root() {
-            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
-        }
-    }
+    use crate::userfs::test_support::users_symlink;
 
     #[tokio::test]
     async fn a_symlinked_socket_or_directory_is_never_connected_through() {

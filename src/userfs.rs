@@ -668,6 +668,21 @@ pub fn proc_path(found: &Found) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", found.fd.as_raw_fd()))
 }
 
+/// Helpers for the unit tests of modules that read the runner user's files.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+
+    /// A symlink as the runner user makes it: its own. (Root's own links in root's
+    /// directories are followed; tests that run as another user make that user's.)
+    pub fn users_symlink(target: impl AsRef<Path>, link: &Path) {
+        std::os::unix::fs::symlink(target, link).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,14 +692,7 @@ mod tests {
         refusal(&e).unwrap_or_else(|| panic!("not a refusal: {e}")).why.clone()
     }
 
-    /// A symlink as the runner user makes it: its own. (Root's own links in root's
-    /// directories are followed; tests that run as another user make that user's.)
-    fn users_symlink(target: impl AsRef<Path>, link: &Path) {
-        symlink(target, link).unwrap();
-        if nix::unistd::geteuid().is_root() {
-            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
-        }
-    }
+    use super::test_support::users_symlink;
 
     #[test]
     fn reads_a_small_file_and_refuses_a_larger_one() {

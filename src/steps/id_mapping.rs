@@ -864,14 +864,7 @@ mod tests {
         nix::unistd::geteuid().as_raw()
     }
 
-    /// A symlink as the runner user makes it: its own (root's links in root's directories
-    /// are followed, see userfs).
-    fn users_symlink(target: &Path, link: &Path) {
-        std::os::unix::fs::symlink(target, link).unwrap();
-        if nix::unistd::geteuid().is_root() {
-            std::os::unix::fs::lchown(link, Some(1000), Some(1000)).unwrap();
-        }
-    }
+    use crate::userfs::test_support::users_symlink;
 
     const FULL: &str = "         0       1000          1\n         1     524288      65536\n";
 

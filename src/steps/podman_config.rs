@@ -378,19 +378,19 @@ fn open_config_dir(cx: &Context) -> io::Result<Option<Dir>> {
 /// Where the user's images live: `[storage] graphroot` of the user's storage.conf, else
 /// `rootless_storage_path` of the system's, else `~/.local/share/containers/storage`.
 fn graphroot(cx: &Context, user_storage_conf: Option<&str>) -> PathBuf {
-    let expand = |p: &str| {
-        p.replace("$HOME", &cx.user.home.to_string_lossy())
-            .replace("$UID", &cx.user.uid.to_string())
-            .replace("$USER", &cx.user.name)
-    };
-    let from_user = user_storage_conf.and_then(|t| toml_value(t, "storage", "graphroot").ok().flatten());
-    let from_system = || {
-        let text = std::fs::read_to_string(cx.root.join("/etc/containers/storage.conf")).ok()?;
-        toml_value(&text, "storage", "rootless_storage_path").ok().flatten()
-    };
-    match from_user.or_else(from_system).map(|p| expand(&p)) {
-        Some(p) if p.starts_with('/') => cx.root.join(p),
-        _ => home_of(cx).join(".local/share/containers/storage"),
+    use crate::steps::storage::graphroot;
+    let user_conf = cx.user.home.join(".config/containers/storage.conf");
+    // Unreadable or invalid storage.conf files are the storage check's to report; here the
+    // driver decision only needs where layers would be, so the default stands in.
+    let system = graphroot::system_conf(&cx.root).ok().flatten();
+    let found = graphroot::resolve(
+        &cx.user,
+        user_storage_conf.map(|t| (user_conf.as_path(), t)),
+        system.as_ref().map(|(f, t)| (f.as_path(), t.as_str())),
+    );
+    match found {
+        Ok(g) => cx.root.join(g.path),
+        Err(_) => home_of(cx).join(".local/share/containers/storage"),
     }
 }
 

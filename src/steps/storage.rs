@@ -2,7 +2,7 @@
 //! inodes, against kubelet-like thresholds), and unused images are removed before it fills.
 
 mod gc;
-mod graphroot;
+pub mod graphroot;
 mod usage;
 
 use anyhow::{bail, Context as _, Result};

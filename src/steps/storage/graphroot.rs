@@ -33,18 +33,23 @@ pub struct Graphroot {
 pub fn locate(root: &Root, user: &Account) -> Result<Graphroot> {
     let user_conf = user.home.join(USER_CONF);
     let user_text = read_users_conf(root, user)?;
-    let mut system = None;
-    for file in SYSTEM_CONFS {
-        if let Some(text) = read_if_present(&root.join(file))? {
-            system = Some((PathBuf::from(file), text));
-            break;
-        }
-    }
+    let system = system_conf(root)?;
     resolve(
         user,
         user_text.as_deref().map(|t| (user_conf.as_path(), t)),
         system.as_ref().map(|(f, t)| (f.as_path(), t.as_str())),
     )
+}
+
+/// The system storage.conf in effect (root's file, the first of [`SYSTEM_CONFS`] that exists)
+/// and its text.
+pub fn system_conf(root: &Root) -> Result<Option<(PathBuf, String)>> {
+    for file in SYSTEM_CONFS {
+        if let Some(text) = read_if_present(&root.join(file))? {
+            return Ok(Some((PathBuf::from(file), text)));
+        }
+    }
+    Ok(None)
 }
 
 /// The user's `[storage] graphroot`, else the system's `[storage] rootless_storage_path`,
