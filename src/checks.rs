@@ -8,30 +8,8 @@ use std::time::SystemTime;
 pub const CHECK_NAMES: [&str; 6] =
     ["subuid", "subgid", "linger", "podman-socket", "podman-api", "unprivileged-ports"];
 
-/// Every check the agent knows, in the order they are shown.
-pub const ALL_CHECKS: [&str; 15] = [
-    "drain",
-    "subuid",
-    "subgid",
-    "linger",
-    "podman-socket",
-    "podman-api",
-    "unprivileged-ports",
-    "subuid-mapping",
-    "newuidmap",
-    "storage",
-    "podman-config",
-    "cgroup-delegation",
-    "docker-cli",
-    "runner-privileges",
-    "canary",
-];
-
 /// The longest detail a check carries (a status line carries one, the JSON answers all).
 pub const MAX_DETAIL_CHARS: usize = 1000;
-
-/// Checks that warn rather than decide readiness unless configured otherwise.
-const ADVISORY_BY_DEFAULT: [&str; 3] = ["cgroup-delegation", "docker-cli", "runner-privileges"];
 
 /// How a check affects readiness, and how many observations it takes to flip it (like
 /// Consul's `failures_before_critical` and `success_before_passing`).
@@ -45,7 +23,8 @@ pub struct CheckPolicy {
 impl CheckPolicy {
     pub fn default_for(name: &str) -> CheckPolicy {
         CheckPolicy {
-            required: !ADVISORY_BY_DEFAULT.contains(&name),
+            // Each step declares which of its checks are advisory (src/steps/, `SPEC`).
+            required: crate::steps::check_spec(name).is_none_or(|c| !c.advisory),
             failures_before_critical: 1,
             successes_before_passing: 1,
         }
@@ -176,7 +155,7 @@ impl CheckSet {
     }
 
     fn sort(&mut self) {
-        self.checks.sort_by_key(|c| ALL_CHECKS.iter().position(|&n| n == c.name).unwrap_or(usize::MAX));
+        self.checks.sort_by_key(|c| crate::steps::check_position(c.name));
     }
 
     /// Records new observations; returns the checks whose verdict flipped. A pending check

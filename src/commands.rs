@@ -74,7 +74,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             let cx = context(root.clone(), load(&root)?)?;
             let steps = Step::for_context(&cx);
             let seen = steps::inspect_all(&cx, &steps).await;
-            let pass = daemon::repair_pass(&cx, &steps, seen, &mut HashMap::new()).await;
+            let pass = crate::pass::repair_pass(&cx, &steps, seen, &mut HashMap::new()).await;
             for (step, change) in &pass.changes {
                 println!(
                     "changed ({}): {}",
@@ -86,7 +86,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
                 eprintln!("error: {} -> {}", step.name(), journal::chain(error));
             }
             let mut set = daemon::pending_checks(&cx, &steps);
-            set.record(daemon::observations(&pass), SystemTime::now());
+            set.record(crate::pass::observations(&pass), SystemTime::now());
             print_table(set.checks());
             println!("{}", set.status_line());
             Ok(exit(set.ready()))

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::checks::{CheckPolicy, CheckPolicyOverride, ALL_CHECKS};
+use crate::checks::{CheckPolicy, CheckPolicyOverride};
 use crate::paths::Root;
 
 pub const MAIN_CONFIG: &str = "/etc/executor-agent/config.toml";
@@ -110,6 +110,14 @@ pub struct Podman {
 impl Default for Podman {
     fn default() -> Self {
         Podman { socket_unit: "podman.socket".into(), api_timeout: Duration::from_secs(5) }
+    }
+}
+
+impl Podman {
+    /// The service the socket starts (systemd's default `Service=`: the socket's name).
+    pub fn api_service_unit(&self) -> String {
+        let stem = self.socket_unit.strip_suffix(".socket").unwrap_or(&self.socket_unit);
+        format!("{stem}.service")
     }
 }
 
@@ -567,7 +575,7 @@ fn network_cmd<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 }
 
 fn cred_helpers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    use crate::steps::podman_config::{valid_helper_name, valid_registry};
+    use crate::podman_conf::{valid_helper_name, valid_registry};
     let map = BTreeMap::<String, String>::deserialize(d)?;
     for (registry, helper) in &map {
         if !valid_registry(registry) {
@@ -586,10 +594,11 @@ fn check_policies<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<String, CheckPolicyOverride>, D::Error> {
     let map = BTreeMap::<String, CheckPolicyOverride>::deserialize(d)?;
-    if let Some(unknown) = map.keys().find(|k| !ALL_CHECKS.contains(&k.as_str())) {
+    if let Some(unknown) = map.keys().find(|k| crate::steps::check_spec(k).is_none()) {
+        let known: Vec<_> = crate::steps::all_checks().map(|c| c.name).collect();
         return Err(D::Error::custom(format!(
             "no check is called {unknown:?}; checks are {}",
-            ALL_CHECKS.join(", ")
+            known.join(", ")
         )));
     }
     Ok(map)

@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+use crate::drain;
 use crate::journal;
 use crate::paths::Root;
-use crate::steps::drain;
 
 /// Longest drain reason kept; it is shown in every output.
 const MAX_REASON: usize = 200;

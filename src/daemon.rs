@@ -13,7 +13,8 @@ use crate::http::{self, AppState, Snapshot};
 use crate::identity;
 use crate::journal;
 use crate::metrics::Metrics;
-use crate::steps::{self, Context, Inspection, Step};
+use crate::pass::{next_pass_due, observations, repair_pass, Backoff};
+use crate::steps::{self, Context, Step};
 use crate::watch::{FileWatcher, UserWatch, WatchedDir};
 
 /// The loop wakes at least this often to prove it is alive (healthz, watchdog).
@@ -26,146 +27,6 @@ pub fn pass_limit(settings: &crate::config::Settings) -> Duration {
 
 /// Events often come in bursts (a rename is a delete and a create): wait this long for more.
 const COALESCE: Duration = Duration::from_millis(20);
-
-/// Exponential backoff for a step that keeps failing, reset when it converges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backoff {
-    failures: u32,
-    next_attempt: Option<Instant>,
-}
-
-impl Backoff {
-    pub const fn new() -> Self {
-        Backoff { failures: 0, next_attempt: None }
-    }
-
-    pub fn may_attempt(&self, now: Instant) -> bool {
-        self.next_attempt.is_none_or(|t| now >= t)
-    }
-
-    /// Records a failed attempt; returns the delay until the next one.
-    pub fn failed(&mut self, now: Instant, min: Duration, max: Duration) -> Duration {
-        let delay = min.saturating_mul(1u32 << self.failures.min(20)).min(max);
-        self.failures += 1;
-        self.next_attempt = Some(now + delay);
-        delay
-    }
-
-    pub fn succeeded(&mut self) {
-        *self = Backoff::new();
-    }
-
-    pub fn next_attempt(&self) -> Option<Instant> {
-        self.next_attempt
-    }
-}
-
-/// One pass's outcome for the caller (the daemon or `apply`).
-pub struct PassResult {
-    pub inspections: Vec<(Step, Inspection)>,
-    /// Steps whose repair was attempted.
-    pub attempted: Vec<Step>,
-    pub changes: Vec<(Step, String)>,
-    pub errors: Vec<(Step, anyhow::Error)>,
-}
-
-/// Converges the steps that `seen` shows drifted (dependencies first, independent steps
-/// concurrently, each only when its backoff allows), and inspects the repaired ones again
-/// (unless the repair already proved its result).
-pub async fn repair_pass(
-    cx: &Context,
-    steps: &[Step],
-    seen: Vec<(Step, Inspection)>,
-    backoff: &mut HashMap<Step, Backoff>,
-) -> PassResult {
-    let now = Instant::now();
-    let mut inspections: HashMap<Step, Inspection> = seen.into_iter().collect();
-    let mut changes = Vec::new();
-    let mut errors = Vec::new();
-    let mut attempted: Vec<Step> = Vec::new();
-    // Rounds: each repairs, concurrently, the drifted steps whose predecessors were
-    // attempted in an earlier round and whose requirements pass.
-    loop {
-        let due: Vec<Step> = steps
-            .iter()
-            .copied()
-            .filter(|s| inspections[s].wants_repair() && s.repairs(cx) && !attempted.contains(s))
-            .filter(|s| backoff.get(s).is_none_or(|b| b.may_attempt(now)))
-            .filter(|s| {
-                s.after().iter().all(|d| {
-                    !steps.contains(d)
-                        || attempted.contains(d)
-                        || inspections.get(d).is_none_or(|i| i.converged())
-                })
-            })
-            .filter(|s| s.requires().iter().all(|d| inspections.get(d).is_none_or(|i| i.converged())))
-            .collect();
-        if due.is_empty() {
-            break;
-        }
-        let outcomes =
-            futures_util::future::join_all(due.iter().map(|&s| steps::timed(s, "converged", s.converge(cx))))
-                .await;
-        let mut proven: Vec<(Step, Inspection)> = Vec::new();
-        for (step, outcome) in due.iter().copied().zip(outcomes) {
-            match outcome {
-                Ok(done) => {
-                    backoff.entry(step).or_default().succeeded();
-                    changes.extend(done.changes.into_iter().map(|c| (step, c)));
-                    proven.extend(done.proof.map(|p| (step, p)));
-                }
-                Err(e) => {
-                    let delay = backoff.entry(step).or_default().failed(
-                        now,
-                        cx.settings.repair.backoff_min,
-                        cx.settings.repair.backoff_max,
-                    );
-                    tracing::warn!(
-                        message_id = journal::REPAIR_FAILED,
-                        step = step.name(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "error: repairing {} -> {}; retrying in {}",
-                        step.name(),
-                        journal::chain(&e),
-                        humantime::format_duration(delay)
-                    );
-                    errors.push((step, e));
-                }
-            }
-            attempted.push(step);
-        }
-        let unproven: Vec<Step> =
-            due.iter().copied().filter(|s| !proven.iter().any(|(p, _)| p == s)).collect();
-        let again = steps::inspect_all(cx, &unproven).await;
-        inspections.extend(proven);
-        inspections.extend(again);
-    }
-    for (step, inspection) in &inspections {
-        if !inspection.wants_repair() {
-            backoff.entry(*step).or_default().succeeded();
-        }
-    }
-    let inspections = steps.iter().map(|s| (*s, inspections.remove(s).unwrap_or_default())).collect();
-    PassResult { inspections, attempted, changes, errors }
-}
-
-/// Observations of a pass, with the repair error added where a repair failed.
-pub fn observations(result: &PassResult) -> Vec<Observation> {
-    let mut out = Vec::new();
-    for (step, inspection) in &result.inspections {
-        let error = result.errors.iter().find(|(s, _)| s == step).map(|(_, e)| crate::journal::detail(e));
-        for obs in &inspection.observations {
-            let mut obs = obs.clone();
-            if let (false, Some(error)) = (obs.ok, &error) {
-                if !obs.detail.contains(error.as_str()) {
-                    obs.detail = format!("{} (repair failed: {error})", obs.detail);
-                }
-            }
-            out.push(obs);
-        }
-    }
-    out
-}
 
 fn notify(states: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -231,7 +92,7 @@ async fn keep_watchdog_fed(snapshot: watch::Receiver<Snapshot>, every: Duration,
 
 /// Every check the steps will report, with the configured policies, none run yet.
 pub fn pending_checks(cx: &Context, steps: &[Step]) -> CheckSet {
-    let names: Vec<&'static str> = steps.iter().flat_map(|s| s.checks().iter().copied()).collect();
+    let names: Vec<&'static str> = steps.iter().flat_map(|s| s.checks()).collect();
     CheckSet::pending_with(&names, |n| cx.settings.check_policy(n), SystemTime::now())
 }
 
@@ -329,8 +190,19 @@ fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
     ]
 }
 
-/// Runs until SIGTERM or SIGINT.
-/// Runs until SIGTERM or SIGINT.
+/// The units of the user's manager whose changes wake the loop. The API service only when the
+/// agent keeps it running: then it stopping (a crash, an OOM kill, someone's `systemctl stop`)
+/// means the next job meets a fresh start that may fail, and is worth a pass at once. A service
+/// left to exit after 5 s idle goes up and down with every probe and would wake the loop itself.
+fn user_units_to_watch<'a>(settings: &'a crate::config::Settings, api_service: &'a str) -> Vec<&'a str> {
+    let mut units = vec![settings.podman.socket_unit.as_str()];
+    if settings.podman_config.manage && settings.podman_config.keep_api_service {
+        units.push(api_service);
+    }
+    units
+}
+
+/// Runs until SIGTERM or SIGINT: start-up, the loop, then stopping what start-up started.
 pub async fn run(mut cx: Context) -> Result<()> {
     let started = Instant::now();
     let steps = Step::for_context(&cx);
@@ -347,15 +219,62 @@ pub async fn run(mut cx: Context) -> Result<()> {
         cx.canary = Arc::new(crate::canary::Handle::Daemon(runner.clone()));
     }
     let cx = Arc::new(cx);
+    let (reporter, mut events, servers) = start(&cx, &steps, runner.as_ref(), started).await?;
+    main_loop(&cx, &steps, runner.as_ref(), reporter, &mut events, started).await;
+
+    tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");
+    if let Some(task) = servers.canary_task {
+        // A round cut short leaves objects; the next agent's first round removes them.
+        task.abort();
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    events.user_watch.stop();
+    let _ = servers.stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), servers.http).await;
+    Ok(())
+}
+
+/// What the loop waits on, and the watches it re-arms after each pass.
+struct Events {
+    /// Drift may have happened: inotify, the system bus, the user manager, a control request.
+    wake: Arc<Notify>,
+    files: Arc<FileWatcher>,
+    /// The runner user's containers configuration: a change asks for a canary round.
+    containers_conf: Arc<FileWatcher>,
+    containers_dirs: Vec<WatchedDir>,
+    canary_kick: Arc<Notify>,
+    canary_rounds: Option<watch::Receiver<crate::canary::Latest>>,
+    user_watch: UserWatch,
+    user_units: Vec<String>,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+/// What stopping ends.
+struct Servers {
+    http: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    canary_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Start-up: the probe server and the control socket, the watchers, the system bus watch,
+/// the canary runner and the watchdog. Everything here fails fast (a listener that cannot be
+/// bound is a configuration error); nothing here inspects or changes the node.
+async fn start(
+    cx: &Arc<Context>,
+    steps: &[Step],
+    runner: Option<&Arc<crate::canary::Runner>>,
+    started: Instant,
+) -> Result<(Reporter, Events, Servers)> {
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::new());
     let served = http::Runner {
         user: cx.user.name.clone(),
         uid: cx.user.uid,
-        socket: steps::podman_socket::socket_path(&cx).display().to_string(),
+        socket: steps::podman_socket::socket_path(cx).display().to_string(),
     };
     let (snapshot_tx, snapshot_rx) =
-        watch::channel(Snapshot::new(pending_checks(&cx, &steps), Default::default(), &served));
+        watch::channel(Snapshot::new(pending_checks(cx, steps), Default::default(), &served));
 
     let listener = crate::listen::http_listener(cx.settings.http.listen).await?;
     let state = Arc::new(AppState {
@@ -392,12 +311,13 @@ pub async fn run(mut cx: Context) -> Result<()> {
     }
 
     let files = FileWatcher::new().context("setting up inotify")?;
-    files.arm(&watched_dirs(&cx));
+    files.arm(&watched_dirs(cx));
     tokio::spawn(files.clone().run(wake.clone()));
     if cx.root.is_host() {
         tokio::spawn(crate::watch::watch_system_bus(cx.system_bus.clone(), cx.user.clone(), wake.clone()));
     }
-    let mut user_watch = UserWatch::default();
+    let api_service = cx.settings.podman.api_service_unit();
+    let user_units = user_units_to_watch(&cx.settings, &api_service).into_iter().map(String::from).collect();
     // The runner user's containers configuration can break a round without any check
     // flipping (a network backend, a runtime): a change asks for a round.
     let canary_kick = Arc::new(Notify::new());
@@ -406,11 +326,11 @@ pub async fn run(mut cx: Context) -> Result<()> {
         vec![WatchedDir { dir: cx.root.join(&cx.user.home).join(".config/containers"), names: vec![] }];
     containers_conf.arm(&containers_dirs);
     tokio::spawn(containers_conf.clone().run(canary_kick.clone()));
-    let mut canary_rounds = runner.as_ref().map(|r| r.subscribe());
-    let canary_task = runner.clone().map(|r| tokio::spawn(r.run()));
+    let canary_rounds = runner.map(|r| r.subscribe());
+    let canary_task = runner.cloned().map(|r| tokio::spawn(r.run()));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(keep_watchdog_fed(
             snapshot_tx.subscribe(),
@@ -419,8 +339,8 @@ pub async fn run(mut cx: Context) -> Result<()> {
         ));
     }
 
-    let mut reporter = Reporter {
-        checks: pending_checks(&cx, &steps),
+    let reporter = Reporter {
+        checks: pending_checks(cx, steps),
         status_line: String::new(),
         instance: identity::read(&cx.root),
         runner: served,
@@ -429,6 +349,38 @@ pub async fn run(mut cx: Context) -> Result<()> {
         started,
         was_ever_ready: false,
     };
+    let events = Events {
+        wake,
+        files,
+        containers_conf,
+        containers_dirs,
+        canary_kick,
+        canary_rounds,
+        user_watch: UserWatch::default(),
+        user_units,
+        sigterm,
+        sigint,
+    };
+    Ok((reporter, events, Servers { http: server, stop: stop_servers, canary_task }))
+}
+
+/// Whether to send READY=1 now. After the first pass, and once the first canary round has
+/// decided readiness, unless no round can decide it (another required check fails, the canary
+/// is blocked or off) or the wait for it is over.
+fn ready_to_announce(first_pass_done: Option<Instant>, awaiting_canary: bool, wait_limit: Duration) -> bool {
+    first_pass_done.is_some_and(|done| !awaiting_canary || done.elapsed() > wait_limit)
+}
+
+/// The loop: a pass when woken, when a retry or the resync is due; canary rounds as they come;
+/// READY=1 once; a heartbeat for the watchdog and /healthz each turn. Ends at SIGTERM/SIGINT.
+async fn main_loop(
+    cx: &Arc<Context>,
+    steps: &[Step],
+    runner: Option<&Arc<crate::canary::Runner>>,
+    mut reporter: Reporter,
+    ev: &mut Events,
+    started: Instant,
+) {
     let mut backoff: HashMap<Step, Backoff> = HashMap::new();
     let mut ready_sent = false;
     let mut first_pass_done = None;
@@ -437,23 +389,20 @@ pub async fn run(mut cx: Context) -> Result<()> {
     let mut next_resync = Instant::now();
     loop {
         let now = Instant::now();
-        let retry_at = backoff.values().filter_map(Backoff::next_attempt).filter(|t| *t > now).min();
-        let failing = !reporter.checks.ready();
-        let pass_due =
-            if failing { retry_at.map_or(next_resync, |r| r.min(next_resync)) } else { next_resync };
+        let pass_due = next_pass_due(now, next_resync, reporter.checks.ready(), backoff.values());
         let woken = tokio::select! {
-            _ = wake.notified() => {
+            _ = ev.wake.notified() => {
                 tokio::time::sleep(COALESCE).await;
                 true
             }
             _ = tokio::time::sleep_until(pass_due.min(now + TICK).into()) => false,
             Some(Ok(())) = async {
-                match canary_rounds.as_mut() {
+                match ev.canary_rounds.as_mut() {
                     Some(rx) => Some(rx.changed().await),
                     None => std::future::pending().await,
                 }
             } => {
-                let latest = canary_rounds.as_mut().map(|rx| rx.borrow_and_update().clone());
+                let latest = ev.canary_rounds.as_mut().map(|rx| rx.borrow_and_update().clone());
                 if let Some(latest) = latest {
                     if let Some(report) = &latest.report {
                         reporter.canary_round(report);
@@ -465,20 +414,19 @@ pub async fn run(mut cx: Context) -> Result<()> {
                 }
                 false
             }
-            _ = canary_kick.notified() => {
-                if let Some(runner) = &runner {
+            _ = ev.canary_kick.notified() => {
+                if let Some(runner) = runner {
                     runner.request();
                 }
                 false
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = ev.sigterm.recv() => break,
+            _ = ev.sigint.recv() => break,
         };
         let first_pass = first_pass_done.is_none();
         if woken || first_pass || Instant::now() >= pass_due {
             let limit = pass_limit(&cx.settings);
-            if tokio::time::timeout(limit, one_pass(&cx, &steps, &mut backoff, &mut reporter)).await.is_err()
-            {
+            if tokio::time::timeout(limit, one_pass(cx, steps, &mut backoff, &mut reporter)).await.is_err() {
                 tracing::warn!(
                     message_id = journal::REPAIR_FAILED,
                     "error: a pass took longer than {}; abandoned it",
@@ -498,28 +446,25 @@ pub async fn run(mut cx: Context) -> Result<()> {
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
             // Afterburn may write its metadata after the agent started.
             reporter.instance = identity::read(&cx.root);
-            files.arm(&watched_dirs(&cx));
-            containers_conf.arm(&containers_dirs);
+            ev.files.arm(&watched_dirs(cx));
+            ev.containers_conf.arm(&ev.containers_dirs);
             if cx.root.is_host() {
                 let manager_up = reporter.checks.checks().iter().any(|c| c.name == "linger" && c.ok);
                 if manager_up {
-                    user_watch.ensure_running(&cx.user, &cx.settings.podman.socket_unit, &wake);
+                    let units: Vec<&str> = ev.user_units.iter().map(String::as_str).collect();
+                    ev.user_watch.ensure_running(&cx.user, &units, &ev.wake);
                 }
             }
         }
-        if !ready_sent && first_pass_done.is_some() {
-            // Wait for the first round only when it decides readiness: a node that another
-            // required check keeps from being ready is started (READY=1) at once.
+        if !ready_sent {
             let others_fail = reporter
                 .checks
                 .checks()
                 .iter()
                 .any(|c| c.required && !c.ok && c.name != crate::canary::CHECK);
-            let canary_done = match &runner {
-                None => true,
-                Some(r) => others_fail || !r.unblocked() || r.subscribe().borrow().rounds > 0,
-            };
-            if canary_done || first_pass_done.is_some_and(|t| t.elapsed() > ready_wait_limit) {
+            let awaiting_canary =
+                runner.is_some_and(|r| !others_fail && r.unblocked() && r.subscribe().borrow().rounds == 0);
+            if ready_to_announce(first_pass_done, awaiting_canary, ready_wait_limit) {
                 tracing::info!(
                     message_id = journal::AGENT_LIFECYCLE,
                     ready_ms = started.elapsed().as_millis() as u64,
@@ -533,17 +478,6 @@ pub async fn run(mut cx: Context) -> Result<()> {
         }
         reporter.heartbeat();
     }
-
-    tracing::info!(message_id = journal::AGENT_LIFECYCLE, "stopping");
-    if let Some(task) = canary_task {
-        // A round cut short leaves objects; the next agent's first round removes them.
-        task.abort();
-    }
-    notify(&[sd_notify::NotifyState::Stopping]);
-    user_watch.stop();
-    let _ = stop_servers.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -551,38 +485,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_up_to_the_limit_and_resets() {
-        let t0 = Instant::now();
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(5));
-        let mut b = Backoff::new();
-        assert!(b.may_attempt(t0));
-        let delays: Vec<_> = (0..5).map(|_| b.failed(t0, min, max).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 5, 5]);
-        assert!(!b.may_attempt(t0 + Duration::from_secs(4)));
-        assert!(b.may_attempt(t0 + Duration::from_secs(5)));
-        b.succeeded();
-        assert_eq!(b, Backoff::new());
+    fn the_api_service_is_watched_only_when_the_agent_keeps_it_running() {
+        let mut settings = crate::config::Settings::default();
+        let service = settings.podman.api_service_unit();
+        assert_eq!(service, "podman.service");
+        assert_eq!(user_units_to_watch(&settings, &service), ["podman.socket", "podman.service"]);
+        settings.podman_config.keep_api_service = false;
+        assert_eq!(user_units_to_watch(&settings, &service), ["podman.socket"]);
+        settings.podman_config.keep_api_service = true;
+        settings.podman_config.manage = false;
+        assert_eq!(user_units_to_watch(&settings, &service), ["podman.socket"]);
     }
 
     #[test]
-    fn a_failed_repair_is_added_to_the_failing_check() {
-        let pass = PassResult {
-            inspections: vec![(
-                Step::PodmanSocket,
-                Inspection {
-                    observations: vec![
-                        Observation::pass("podman-socket", "ok"),
-                        Observation::fail("podman-api", "refused"),
-                    ],
-                    plan: vec![],
-                },
-            )],
-            attempted: vec![Step::PodmanSocket],
-            changes: vec![],
-            errors: vec![(Step::PodmanSocket, anyhow::anyhow!("podman.socket is masked"))],
-        };
-        let obs = observations(&pass);
-        assert_eq!(obs[0].detail, "ok");
-        assert_eq!(obs[1].detail, "refused (repair failed: podman.socket is masked)");
+    fn ready_is_announced_after_the_first_pass_and_the_first_round_or_its_wait() {
+        let limit = Duration::from_secs(30);
+        assert!(!ready_to_announce(None, false, limit), "before the first pass");
+        let just_now = Some(Instant::now());
+        assert!(ready_to_announce(just_now, false, limit), "no round to wait for");
+        assert!(!ready_to_announce(just_now, true, limit), "waiting for the first round");
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(31));
+        assert!(ready_to_announce(long_ago, true, limit), "the wait is over");
     }
 }

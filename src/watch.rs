@@ -196,11 +196,11 @@ pub struct UserWatch {
 
 impl UserWatch {
     /// Starts the helper if it is not running; call when the user manager is active.
-    pub fn ensure_running(&mut self, user: &Account, unit: &str, wake: &Arc<Notify>) {
+    pub fn ensure_running(&mut self, user: &Account, units: &[&str], wake: &Arc<Notify>) {
         if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        match user_manager::Watcher::spawn(user, &[unit]) {
+        match user_manager::Watcher::spawn(user, units) {
             Ok(mut watcher) => {
                 let wake = wake.clone();
                 self.task = Some(tokio::spawn(async move {

@@ -130,7 +130,7 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn due(&self, s: &Settings) -> Option<Instant> {
-        let Some(last) = self.last_start else { return None };
+        let last = self.last_start?;
         let by_interval = if self.failures == 0 {
             s.interval
         } else {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec, Step};
 use crate::canary::Handle;
 use crate::podman_api::Client;
 
@@ -11,6 +11,16 @@ fn api(cx: &Context) -> Client {
     Client::new(super::podman_socket::socket_path(cx), cx.settings.canary.timeout)
         .with_expected_peer(cx.user.uid)
 }
+pub const SPEC: Spec = Spec {
+    name: "canary",
+    checks: &[CheckSpec::required(crate::canary::CHECK)],
+    needs_live_system: true,
+    // A round proves everything below the API: after whatever can change it.
+    after: &[Step::PodmanSocket, Step::PodmanConfig, Step::IdMapping, Step::Storage],
+    requires: &[Step::Linger, Step::PodmanSocket],
+    // Re-running the round is its "repair" in `apply`; the daemon's runner schedules its own.
+    repairs: |cx| matches!(*cx.canary, Handle::Direct(_)),
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let observation = match &*cx.canary {

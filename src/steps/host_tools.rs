@@ -7,10 +7,10 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::fsutil;
-use crate::steps::id_mapping::executable_by;
+use crate::idmap::executable_by;
 
 const CGROUP_CHECK: &str = "cgroup-delegation";
 const DOCKER_CHECK: &str = "docker-cli";
@@ -194,6 +194,15 @@ fn docker_observation(cx: &Context) -> Observation {
         Err(why) => Observation::fail(DOCKER_CHECK, why),
     }
 }
+pub const SPEC: Spec = Spec {
+    name: "host-tools",
+    checks: &[CheckSpec::advisory("cgroup-delegation"), CheckSpec::advisory("docker-cli")],
+    needs_live_system: true,
+    after: &[],
+    requires: &[],
+    // Only the delegation drop-in can be written, and only when asked to.
+    repairs: |cx| cx.settings.cgroups.fix_delegation,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let mut plan = Vec::new();

@@ -3,7 +3,7 @@
 use anyhow::{Context as _, Result};
 use zbus_systemd::login1;
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::systemd::{self, UnitState};
 
@@ -54,6 +54,14 @@ async fn see(cx: &Context) -> Result<Seen> {
     }
     result
 }
+pub const SPEC: Spec = Spec {
+    name: "linger",
+    checks: &[CheckSpec::required(CHECK)],
+    needs_live_system: true,
+    after: &[],
+    requires: &[],
+    repairs: super::always,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let user = &cx.user.name;

@@ -106,158 +106,152 @@ impl From<Vec<String>> for Repaired {
     }
 }
 
-/// The provisioning steps and checks, in the order they are shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Step {
-    Drain,
-    SubIds,
-    UnprivilegedPorts,
-    Linger,
-    PodmanConfig,
-    PodmanSocket,
-    IdMapping,
-    Storage,
-    HostTools,
-    RunnerPrivileges,
-    Canary,
+/// A check a step reports. An advisory check warns without deciding readiness unless the
+/// configuration makes it required (`[checks.NAME] required`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub name: &'static str,
+    pub advisory: bool,
+}
+
+impl CheckSpec {
+    pub const fn required(name: &'static str) -> CheckSpec {
+        CheckSpec { name, advisory: false }
+    }
+
+    pub const fn advisory(name: &'static str) -> CheckSpec {
+        CheckSpec { name, advisory: true }
+    }
+}
+
+/// What the pass engine, the check lists and `--root` know about a step, declared as `SPEC`
+/// next to the step's `inspect` and `converge`.
+pub struct Spec {
+    pub name: &'static str,
+    /// In the order they are shown.
+    pub checks: &'static [CheckSpec],
+    /// Needs the running system (D-Bus, Podman, /proc) rather than files only: skipped with
+    /// `--root`.
+    pub needs_live_system: bool,
+    /// Steps whose repair is attempted first in a pass (order only).
+    pub after: &'static [Step],
+    /// Steps that must pass before this one is repaired at all.
+    pub requires: &'static [Step],
+    /// Whether `converge` may run under this configuration; false for steps that only report.
+    pub repairs: fn(&Context) -> bool,
+}
+
+/// `Spec::repairs` of a step that always repairs.
+pub fn always(_: &Context) -> bool {
+    true
+}
+
+/// `Spec::repairs` of a step that only reports.
+pub fn never(_: &Context) -> bool {
+    false
+}
+
+/// Declares the steps: the enum, their order, and the dispatch to each module's `SPEC`,
+/// `inspect(cx) -> Inspection` and `converge(cx) -> Result<Vec<String>> | Result<Repaired>`.
+macro_rules! steps {
+    ($($variant:ident => $module:ident),+ $(,)?) => {
+        /// The provisioning steps and checks, in the order they are shown.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Step {
+            $($variant),+
+        }
+
+        impl Step {
+            pub const ALL: &'static [Step] = &[$(Step::$variant),+];
+
+            pub fn spec(self) -> &'static Spec {
+                match self {
+                    $(Step::$variant => &$module::SPEC),+
+                }
+            }
+
+            pub async fn inspect(self, cx: &Context) -> Inspection {
+                match self {
+                    $(Step::$variant => $module::inspect(cx).await),+
+                }
+            }
+
+            /// Makes the node match the configuration; returns what was changed.
+            pub async fn converge(self, cx: &Context) -> Result<Repaired> {
+                match self {
+                    $(Step::$variant => $module::converge(cx).await.map(Repaired::from)),+
+                }
+            }
+        }
+    };
+}
+
+// To add a step: write its module (SPEC, inspect, converge) and add one line here, where its
+// checks are to be shown.
+steps! {
+    Drain => drain,
+    SubIds => subids,
+    Linger => linger,
+    PodmanSocket => podman_socket,
+    UnprivilegedPorts => unprivileged_ports,
+    IdMapping => id_mapping,
+    Storage => storage,
+    PodmanConfig => podman_config,
+    HostTools => host_tools,
+    RunnerPrivileges => runner_privileges,
+    Canary => canary,
 }
 
 impl Step {
-    pub const ALL: [Step; 11] = [
-        Step::Drain,
-        Step::SubIds,
-        Step::UnprivilegedPorts,
-        Step::Linger,
-        Step::PodmanConfig,
-        Step::PodmanSocket,
-        Step::IdMapping,
-        Step::Storage,
-        Step::HostTools,
-        Step::RunnerPrivileges,
-        Step::Canary,
-    ];
-
     pub fn name(self) -> &'static str {
-        match self {
-            Step::Drain => "drain",
-            Step::SubIds => "subids",
-            Step::UnprivilegedPorts => "unprivileged-ports",
-            Step::Linger => "linger",
-            Step::PodmanConfig => "podman-config",
-            Step::PodmanSocket => "podman-socket",
-            Step::IdMapping => "id-mapping",
-            Step::Storage => "storage",
-            Step::HostTools => "host-tools",
-            Step::RunnerPrivileges => "runner-privileges",
-            Step::Canary => "canary",
-        }
+        self.spec().name
     }
 
-    /// The checks this step reports.
-    pub fn checks(self) -> &'static [&'static str] {
-        match self {
-            Step::Drain => &["drain"],
-            Step::SubIds => &["subuid", "subgid"],
-            Step::UnprivilegedPorts => &["unprivileged-ports"],
-            Step::Linger => &["linger"],
-            Step::PodmanConfig => &["podman-config"],
-            Step::PodmanSocket => &["podman-socket", "podman-api"],
-            Step::IdMapping => &["subuid-mapping", "newuidmap"],
-            Step::Storage => &["storage"],
-            Step::HostTools => &["cgroup-delegation", "docker-cli"],
-            Step::RunnerPrivileges => &["runner-privileges"],
-            Step::Canary => &["canary"],
-        }
+    /// The names of the checks this step reports.
+    pub fn checks(self) -> impl Iterator<Item = &'static str> {
+        self.spec().checks.iter().map(|c| c.name)
     }
 
-    /// Steps that need the running system (D-Bus, Podman, /proc) rather than files only;
-    /// skipped with `--root`.
     pub fn needs_live_system(self) -> bool {
-        !matches!(self, Step::SubIds | Step::UnprivilegedPorts | Step::PodmanConfig | Step::RunnerPrivileges)
+        self.spec().needs_live_system
     }
 
-    /// Steps whose repair must be attempted first in a pass (order only).
     pub fn after(self) -> &'static [Step] {
-        match self {
-            // The Podman service fixes its user namespace and storage driver when it first
-            // starts: give it the subordinate IDs and its configuration first.
-            Step::PodmanSocket => &[Step::SubIds, Step::PodmanConfig, Step::Linger],
-            Step::IdMapping => &[Step::SubIds, Step::PodmanSocket],
-            Step::Storage => &[Step::PodmanSocket],
-            // A round proves everything below the API: after whatever can change it.
-            Step::Canary => &[Step::PodmanSocket, Step::PodmanConfig, Step::IdMapping, Step::Storage],
-            _ => &[],
-        }
+        self.spec().after
     }
 
-    /// Steps that must pass before this one can be repaired at all.
     pub fn requires(self) -> &'static [Step] {
-        match self {
-            // Everything that talks to the user's manager or Podman needs the manager.
-            Step::PodmanSocket => &[Step::Linger],
-            // A migrate with a broken subuid file would only make things worse.
-            Step::IdMapping => &[Step::SubIds, Step::Linger, Step::PodmanSocket],
-            Step::Storage | Step::Canary => &[Step::Linger, Step::PodmanSocket],
-            _ => &[],
-        }
+        self.spec().requires
     }
 
-    /// False for steps that only report (a missing tool, a drained node).
     pub fn repairs(self, cx: &Context) -> bool {
-        match self {
-            Step::Drain => false,
-            // Re-running the round is its "repair" in `apply`; the daemon's runner schedules its own.
-            Step::Canary => matches!(*cx.canary, crate::canary::Handle::Direct(_)),
-            Step::HostTools => cx.settings.cgroups.fix_delegation,
-            // Inspect only, unless asked to mask the rootful Docker units.
-            Step::RunnerPrivileges => cx.settings.runner_privileges.mask_docker,
-            Step::PodmanConfig => cx.settings.podman_config.manage,
-            _ => true,
-        }
+        (self.spec().repairs)(cx)
     }
 
     /// The steps that apply to this root and configuration.
     pub fn for_context(cx: &Context) -> Vec<Step> {
         Step::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|s| cx.root.is_host() || !s.needs_live_system())
             .filter(|s| *s != Step::Canary || cx.settings.canary.enabled)
             .collect()
     }
+}
 
-    pub async fn inspect(self, cx: &Context) -> Inspection {
-        match self {
-            Step::Drain => drain::inspect(cx).await,
-            Step::SubIds => subids::inspect(cx).await,
-            Step::UnprivilegedPorts => unprivileged_ports::inspect(cx).await,
-            Step::Linger => linger::inspect(cx).await,
-            Step::PodmanConfig => podman_config::inspect(cx).await,
-            Step::PodmanSocket => podman_socket::inspect(cx).await,
-            Step::IdMapping => id_mapping::inspect(cx).await,
-            Step::Storage => storage::inspect(cx).await,
-            Step::HostTools => host_tools::inspect(cx).await,
-            Step::RunnerPrivileges => runner_privileges::inspect(cx).await,
-            Step::Canary => canary::inspect(cx).await,
-        }
-    }
+/// Every check the agent knows, in the order they are shown.
+pub fn all_checks() -> impl Iterator<Item = &'static CheckSpec> {
+    Step::ALL.iter().flat_map(|s| s.spec().checks)
+}
 
-    /// Makes the node match the configuration; returns what was changed.
-    pub async fn converge(self, cx: &Context) -> Result<Repaired> {
-        let changes = match self {
-            Step::Drain => Ok(Vec::new()),
-            Step::Canary => canary::converge(cx).await,
-            Step::SubIds => subids::converge(cx).await,
-            Step::UnprivilegedPorts => unprivileged_ports::converge(cx).await,
-            Step::Linger => linger::converge(cx).await,
-            Step::PodmanConfig => podman_config::converge(cx).await,
-            Step::PodmanSocket => return podman_socket::converge(cx).await,
-            Step::IdMapping => id_mapping::converge(cx).await,
-            Step::Storage => storage::converge(cx).await,
-            Step::HostTools => host_tools::converge(cx).await,
-            Step::RunnerPrivileges => runner_privileges::converge(cx).await,
-        };
-        changes.map(Repaired::from)
-    }
+/// The check called `name`, if the agent has one.
+pub fn check_spec(name: &str) -> Option<&'static CheckSpec> {
+    all_checks().find(|c| c.name == name)
+}
+
+/// Where `name` is shown among all checks (unknown names last).
+pub fn check_position(name: &str) -> usize {
+    all_checks().position(|c| c.name == name).unwrap_or(usize::MAX)
 }
 
 /// Runs one step's inspection or repair, logging how long it took (debug level).
@@ -279,4 +273,66 @@ pub async fn inspect_all(cx: &Context, steps: &[Step]) -> Vec<(Step, Inspection)
     let inspections =
         futures_util::future::join_all(steps.iter().map(|&s| timed(s, "inspected", s.inspect(cx)))).await;
     steps.iter().copied().zip(inspections).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn step_and_check_names_are_unique_and_shown_in_the_documented_order() {
+        let steps: HashSet<_> = Step::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(steps.len(), Step::ALL.len(), "two steps share a name");
+        let checks: Vec<_> = all_checks().map(|c| c.name).collect();
+        assert_eq!(checks.iter().collect::<HashSet<_>>().len(), checks.len(), "two checks share a name");
+        // The order of /readyz, `check` and the README's check table.
+        assert_eq!(
+            checks,
+            [
+                "drain",
+                "subuid",
+                "subgid",
+                "linger",
+                "podman-socket",
+                "podman-api",
+                "unprivileged-ports",
+                "subuid-mapping",
+                "newuidmap",
+                "storage",
+                "podman-config",
+                "cgroup-delegation",
+                "docker-cli",
+                "runner-privileges",
+                "canary",
+            ]
+        );
+        let advisory: Vec<_> = all_checks().filter(|c| c.advisory).map(|c| c.name).collect();
+        assert_eq!(advisory, ["cgroup-delegation", "docker-cli", "runner-privileges"]);
+        assert_eq!(check_position("subgid"), 2);
+        assert_eq!(check_position("no-such-check"), usize::MAX);
+    }
+
+    #[test]
+    fn order_constraints_have_no_cycle() {
+        // Two steps each after (or requiring) the other would both wait for ever.
+        fn reaches(from: Step, to: Step, depth: usize) -> bool {
+            depth < Step::ALL.len()
+                && from.after().iter().chain(from.requires()).any(|&d| d == to || reaches(d, to, depth + 1))
+        }
+        for &step in Step::ALL {
+            assert!(!reaches(step, step, 0), "{step:?} waits for itself");
+        }
+    }
+
+    #[test]
+    fn a_step_that_works_on_files_only_needs_no_live_step() {
+        // With --root only file steps run: none of them may wait on a live one.
+        for &step in Step::ALL.iter().filter(|s| !s.needs_live_system()) {
+            assert!(
+                step.requires().iter().all(|r| !r.needs_live_system()),
+                "{step:?} requires a step skipped with --root"
+            );
+        }
+    }
 }

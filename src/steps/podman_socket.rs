@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
-use super::{Context, Inspection, Repaired};
+use super::{CheckSpec, Context, Inspection, Repaired, Spec, Step};
 use crate::checks::Observation;
 use crate::podman_api::{self, EngineVersion};
 use crate::systemd::UnitState;
@@ -63,6 +63,17 @@ async fn see(cx: &Context) -> Seen {
     };
     Seen { unit, socket_file, socket_refused, api }
 }
+pub const SPEC: Spec = Spec {
+    name: "podman-socket",
+    checks: &[CheckSpec::required("podman-socket"), CheckSpec::required("podman-api")],
+    needs_live_system: true,
+    // The Podman service fixes its user namespace and storage driver when it first starts:
+    // give it the subordinate IDs and its configuration first.
+    after: &[Step::SubIds, Step::PodmanConfig, Step::Linger],
+    // Everything that talks to the user's manager or Podman needs the manager.
+    requires: &[Step::Linger],
+    repairs: super::always,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     judge(cx, &see(cx).await)

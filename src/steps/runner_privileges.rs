@@ -16,7 +16,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::paths::Root;
 use crate::systemd;
@@ -787,6 +787,15 @@ pub fn verdict(who: &Who, findings: &[String], unknown: &[String], notes: &[Stri
         )
     }
 }
+pub const SPEC: Spec = Spec {
+    name: "runner-privileges",
+    checks: &[CheckSpec::advisory(CHECK)],
+    needs_live_system: false,
+    after: &[],
+    requires: &[],
+    // Inspect only, unless asked to mask the rootful Docker units.
+    repairs: |cx| cx.settings.runner_privileges.mask_docker,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let (who, names, mut unknown) = runner(cx);

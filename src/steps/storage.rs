@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec, Step};
 use crate::checks::Observation;
 use crate::config::Storage as Thresholds;
 use usage::{bytes, Usage};
@@ -95,6 +95,14 @@ fn judge(name: &str, usage: &Usage, t: &Thresholds) -> Inspection {
     let observation = Observation { name: CHECK, ok: !blocks_full && !inodes_full, detail };
     Inspection { observations: vec![observation], plan }
 }
+pub const SPEC: Spec = Spec {
+    name: "storage",
+    checks: &[CheckSpec::required(CHECK)],
+    needs_live_system: true,
+    after: &[Step::PodmanSocket],
+    requires: &[Step::Linger, Step::PodmanSocket],
+    repairs: super::always,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     match Measured::take(cx) {

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::subid::{self, EnsureOutcome, IdKind, IdRange};
 use crate::user_manager;
@@ -18,6 +18,14 @@ fn check_name(kind: IdKind) -> &'static str {
 fn ranges(owned: &[IdRange]) -> String {
     owned.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
+pub const SPEC: Spec = Spec {
+    name: "subids",
+    checks: &[CheckSpec::required("subuid"), CheckSpec::required("subgid")],
+    needs_live_system: false,
+    after: &[],
+    requires: &[],
+    repairs: super::always,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let user = cx.user.as_subid_owner();

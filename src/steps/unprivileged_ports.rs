@@ -5,7 +5,7 @@ use anyhow::{bail, Context as _, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{Context, Inspection};
+use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::fsutil;
 
@@ -112,6 +112,14 @@ fn validate_against(wanted: u16, local_port_range: &str) -> Result<()> {
     }
     Ok(())
 }
+pub const SPEC: Spec = Spec {
+    name: "unprivileged-ports",
+    checks: &[CheckSpec::required(CHECK)],
+    needs_live_system: false,
+    after: &[],
+    requires: &[],
+    repairs: super::always,
+};
 
 pub async fn inspect(cx: &Context) -> Inspection {
     let wanted = cx.settings.sysctl.unprivileged_port_start;
