@@ -13,6 +13,7 @@ pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod listen;
+pub mod message_ids;
 pub mod metrics;
 pub mod paths;
 pub mod podman_api;
