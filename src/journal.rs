@@ -6,20 +6,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// The agent changed the node (a file, linger, a unit, a sysctl).
-pub const NODE_CHANGED: &str = "b053dd1b77b74757b0d57209f02dbc23";
-/// A repair attempt failed; another follows after the backoff.
-pub const REPAIR_FAILED: &str = "171da1b65d684b68b7d4ae5d2f729da7";
-/// The node became ready (every check passes).
-pub const NODE_READY: &str = "7ba5e54cd07e4f91bcbf130e10d4bc96";
-/// The node stopped being ready.
-pub const NODE_NOT_READY: &str = "4da83dcf98484804b701e669ba5eebb8";
-/// One check changed from passing to failing or back.
-pub const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
-/// A job canary round failed (fields STAGE, and the reason in the message).
-pub const CANARY_FAILED: &str = "44e9bec21edf42c7862c3c56b9318309";
-/// The agent started (with its effective configuration) or is stopping.
-pub const AGENT_LIFECYCLE: &str = "d3954dc3203c47b8867f25f26914f130";
+pub use crate::message_ids::*;
 
 /// True when stderr is connected to the journal (systemd sets JOURNAL_STREAM to its dev:inode).
 fn stderr_is_journal() -> bool {

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod idmap;
 pub mod journal;
 pub mod listen;
+pub mod message_ids;
 pub mod metrics;
 pub mod pass;
 pub mod paths;

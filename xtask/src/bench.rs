@@ -1,4 +1,4 @@
-//! `cargo xtask bench` (issue 5): time to ready, probe cost, time to detect and repair drift and
+//! `cargo xtask bench`: time to ready, probe cost, time to detect and repair drift and
 //! footprint of the agent on local nspawn nodes, each figure against a baseline measured in the
 //! same invocation; one table on stdout and in docs/performance.md.
 //!
@@ -28,9 +28,6 @@ use std::time::{Duration, Instant};
 
 pub type Json = serde_json::Value;
 
-/// The agent's journal MESSAGE_IDs (src/journal.rs).
-pub const NODE_READY: &str = "7ba5e54cd07e4f91bcbf130e10d4bc96";
-pub const NODE_NOT_READY: &str = "4da83dcf98484804b701e669ba5eebb8";
 /// systemd's "unit started" (catalog), used for podman.service activations in core's manager.
 const UNIT_STARTED: &str = "39f53479d3a045ac8e11786248231fbf";
 

@@ -1,17 +1,17 @@
-//! End-to-end scenarios of issue 3, each on a fresh node provisioned only by the Ignition config:
-//! readiness, a rootless container with port 80, `wait-ready`, restart and reboot without
-//! rewrites, drift repair with detect/repair times, and a malformed /etc/subuid.
+//! End-to-end scenarios of the node's basics, each on a fresh node provisioned only by the
+//! Ignition config: readiness, a rootless container with port 80, `wait-ready`, restart and
+//! reboot without rewrites, drift repair with detect/repair times, and a malformed /etc/subuid.
 
 use crate::butane::{File, Link, NodeFields, Resource};
 use crate::ignition::{self, Extras};
-use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
+use crate::message_ids::{CHECK_CHANGED, NODE_READY};
+use crate::node::{self, Node, PODMAN_SOCK};
+use crate::probe::Prober;
 use crate::tree::{self, Os};
 use crate::Tally;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "e2e_canary.rs"]
@@ -443,7 +443,7 @@ fn drift(
     verify: fn(&mut Node) -> Result<()>,
 ) -> Result<()> {
     let mut node = s.ready_node(name)?;
-    let prober = Prober::start(&mut node, PROBE_INTERVAL)?;
+    let prober = Prober::start(&mut node, "/readyz", PROBE_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(200));
     let t0_us = node::monotonic_us();
     let t0 = Instant::now();
@@ -457,7 +457,7 @@ fn drift(
         Ok::<_, anyhow::Error>((down, up))
     })();
     let history = prober.stop();
-    let (down, up) = result.with_context(|| format!("/readyz history: {history}"))?;
+    let (down, up) = result.with_context(|| format!("/readyz history:{}", history.text))?;
     s.record(name, "drift command ran (systemd-run round trip)", applied);
     s.record(name, "detect: drift to /readyz 503", down - t0);
     s.record(name, "repair: drift to /readyz 200 again", up - t0);
@@ -468,109 +468,9 @@ fn drift(
     verify(&mut node)
 }
 
-/// A change of `/readyz`: when, 200 (`Some(true)`), 503 (`Some(false)`) or no answer, and why.
-type Change = (Instant, Option<bool>, String);
-
-/// Polls `/readyz` from a thread and keeps every change of state with its time.
-struct Prober {
-    stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<Change>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Prober {
-    fn start(node: &mut Node, interval: Duration) -> Result<Prober> {
-        let leader = node.leader()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let changes = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, changes2) = (stop.clone(), changes.clone());
-        let handle = std::thread::spawn(move || {
-            if node::enter_netns(leader).is_err() {
-                return;
-            }
-            let mut last: Option<Option<bool>> = None;
-            while !stop2.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let state = match node::get_local(AGENT_PORT, "/readyz") {
-                    Ok((200, _)) => (Some(true), String::new()),
-                    Ok((503, body)) => (Some(false), failing_checks(&body)),
-                    Ok((code, body)) => (None, format!("{code} {body}")),
-                    Err(e) => (None, format!("{e:#}")),
-                };
-                if last != Some(state.0) {
-                    last = Some(state.0);
-                    changes2.lock().unwrap().push((at, state.0, state.1));
-                }
-                std::thread::sleep(interval);
-            }
-        });
-        Ok(Prober { stop, changes, handle: Some(handle) })
-    }
-
-    /// The time of the first change to `want` after `after`.
-    fn wait(&self, after: Instant, want: bool, timeout: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = self
-                .changes
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(at, state, _)| *at >= after && *state == Some(want))
-                .map(|c| c.0);
-            if let Some(at) = found {
-                return Ok(at);
-            }
-            ensure!(Instant::now() < deadline, "not within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Stops polling; returns the history as text.
-    fn stop(mut self) -> String {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        let changes = self.changes.lock().unwrap();
-        let first = changes.first().map(|c| c.0);
-        changes
-            .iter()
-            .map(|(at, state, detail)| {
-                let rel = first.map(|f| *at - f).unwrap_or_default();
-                let state = match state {
-                    Some(true) => "200",
-                    Some(false) => "503",
-                    None => "error",
-                };
-                format!("\n  +{:.0} ms {state} {detail}", rel.as_secs_f64() * 1000.0)
-            })
-            .collect()
-    }
-}
-
-fn failing_checks(body: &str) -> String {
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(body) else { return body.to_string() };
-    json["checks"]
-        .as_array()
-        .map(|checks| {
-            checks
-                .iter()
-                .filter(|c| c["ok"] == false)
-                .map(|c| {
-                    format!("{}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or(""))
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_default()
-}
-
 /// From the agent's journal after `t0_us` (host CLOCK_MONOTONIC, shared with the node): when it
 /// first logged a failing check and when it logged the node ready again.
 fn journal_times(node: &mut Node, t0_us: u64) -> Result<Option<(Duration, Duration)>> {
-    const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
-    const NODE_READY: &str = "7ba5e54cd07e4f91bcbf130e10d4bc96";
     let out = node.run(&["journalctl", "--no-pager", "-o", "json", "SYSLOG_IDENTIFIER=executor-agent"])?;
     let (mut detect, mut repair) = (None, None);
     for line in out.lines() {
@@ -716,11 +616,5 @@ mod tests {
         assert_eq!(subid_range(&file, "core").unwrap(), (100000, 65536));
         assert!(subid_range(&file, "nobody").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn lists_failing_checks_of_a_readyz_body() {
-        let body = r#"{"ready":false,"checks":[{"name":"subuid","ok":true,"detail":"fine"},{"name":"linger","ok":false,"detail":"off"}]}"#;
-        assert_eq!(failing_checks(body), "linger: off");
     }
 }

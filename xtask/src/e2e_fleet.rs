@@ -1,4 +1,4 @@
-//! End-to-end scenarios of issue 6 (fleet-grade node health), each on a fresh node provisioned
+//! End-to-end scenarios of fleet-grade node health, each on a fresh node provisioned
 //! only by the Ignition config: drain, metrics, node identity, boot gating, storage GC, the
 //! runner user's Podman configuration, and the ID-mapping checks.
 //!
@@ -6,6 +6,7 @@
 //! shares the suite, the node helpers and the figures.
 
 use super::{Scenario, Suite, POLL};
+use crate::message_ids::NODE_CHANGED;
 use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
 use crate::tree;
 use anyhow::{anyhow, ensure, Context, Result};
@@ -29,7 +30,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("fleet: newuidmap setuid bit and a stale subuid mapping", id_mapping),
 ];
 
-/// The scenarios of issue 6, chained after `e2e`'s own.
+/// The fleet scenarios, chained after `e2e`'s own.
 pub fn scenarios() -> &'static [(&'static str, Scenario)] {
     SCENARIOS
 }
@@ -248,7 +249,7 @@ fn storage_gc(s: &mut Suite) -> Result<()> {
         "--no-pager",
         "-o",
         "cat",
-        "MESSAGE_ID=b053dd1b77b74757b0d57209f02dbc23",
+        &format!("MESSAGE_ID={NODE_CHANGED}"),
         &format!("--since=@{}", unix_now().saturating_sub(60)),
     ])?;
     ensure!(journal.contains("removed image"), "no NODE_CHANGED `removed image` in the journal:\n{journal}");

@@ -1,4 +1,4 @@
-//! `cargo xtask faults`: issue 4's faults around the agent, its hardened unit and load, each
+//! `cargo xtask faults`: faults around the agent, its hardened unit and load, each
 //! case on a fresh node provisioned by the Ignition config like the end-to-end scenarios:
 //! D-Bus missing at start or restarted, logind restarted, podman.socket masked or hitting its
 //! trigger limit, user@1000 failing, the Podman API hanging, the process frozen (watchdog),
@@ -9,7 +9,9 @@
 use crate::butane::{File, NodeFields, Resource};
 use crate::host;
 use crate::ignition::Extras;
+use crate::message_ids::{CHECK_CHANGED, NODE_CHANGED, REPAIR_FAILED};
 use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
+use crate::probe::{failing_checks, Prober};
 use crate::tree::Os;
 use crate::Tally;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -18,7 +20,7 @@ use std::io::{BufRead as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bound on boot + first convergence of a fresh node.
@@ -28,9 +30,9 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(10);
 const POLL: Duration = Duration::from_millis(50);
 /// A probe must answer within this long whatever the agent is waiting on.
 const PROBE_LATENCY_LIMIT: Duration = Duration::from_millis(50);
-/// The issue's goal for `systemd-analyze security --offline=yes`.
+/// The goal for `systemd-analyze security --offline=yes`.
 const EXPOSURE_LIMIT: f64 = 2.5;
-/// Load: the issue's rate and duration.
+/// Load: the target rate and duration.
 const LOAD_RPS: f64 = 10_000.0;
 const LOAD_SECONDS: u64 = 60;
 const LOAD_THREADS: u32 = 2;
@@ -49,9 +51,6 @@ const SANDBOX_ERRORS: &[&str] = &[
     "Operation not permitted",
     "Permission denied",
 ];
-const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
-const NODE_CHANGED: &str = "b053dd1b77b74757b0d57209f02dbc23";
-const REPAIR_FAILED: &str = "171da1b65d684b68b7d4ae5d2f729da7";
 const AGENT_UNIT: &str = "executor-agent.service";
 const BAD_CONFIG: &str = "/etc/executor-agent/config.d/50-bad.toml";
 
@@ -1218,132 +1217,6 @@ fn host_pid(leader: i32, ns_pid: i32) -> Result<i32> {
 
 // ---- probing ----
 
-/// One answer of the prober: when, status (None: no answer), how long it took.
-struct Sample {
-    at: Instant,
-    code: Option<u16>,
-    latency: Duration,
-}
-
-#[derive(Default)]
-struct ProbeData {
-    samples: Vec<Sample>,
-    /// Changes of (status, failing checks), with the text.
-    changes: Vec<(Instant, Option<u16>, String)>,
-}
-
-/// Polls a path of the agent from a thread in the node's network namespace.
-struct Prober {
-    stop: Arc<AtomicBool>,
-    data: Arc<Mutex<ProbeData>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-/// What a stopped prober saw.
-struct History {
-    text: String,
-    not_ok: usize,
-    max_latency: Duration,
-}
-
-impl Prober {
-    fn start(node: &mut Node, path: &str, interval: Duration) -> Result<Prober> {
-        let leader = node.leader()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let data = Arc::new(Mutex::new(ProbeData::default()));
-        let (stop2, data2, path) = (stop.clone(), data.clone(), path.to_string());
-        let handle = std::thread::spawn(move || {
-            if node::enter_netns(leader).is_err() {
-                return;
-            }
-            let mut last: Option<(Option<u16>, String)> = None;
-            while !stop2.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let answer = node::get_local(AGENT_PORT, &path);
-                let latency = at.elapsed();
-                let (code, text) = match answer {
-                    Ok((200, _)) => (Some(200), String::new()),
-                    Ok((code, body)) => (Some(code), failing_text(&body)),
-                    Err(e) => (None, format!("{e:#}")),
-                };
-                let mut d = data2.lock().unwrap();
-                d.samples.push(Sample { at, code, latency });
-                if last.as_ref() != Some(&(code, text.clone())) {
-                    d.changes.push((at, code, text.clone()));
-                    last = Some((code, text));
-                }
-                drop(d);
-                std::thread::sleep(interval);
-            }
-        });
-        Ok(Prober { stop, data, handle: Some(handle) })
-    }
-
-    /// The first answer after `after` that is 200 (`want`) or not.
-    fn wait(&self, after: Instant, want: bool, timeout: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = self
-                .data
-                .lock()
-                .unwrap()
-                .samples
-                .iter()
-                .find(|s| s.at >= after && s.code.is_some() && (s.code == Some(200)) == want)
-                .map(|s| s.at);
-            if let Some(at) = found {
-                return Ok(at);
-            }
-            ensure!(Instant::now() < deadline, "not within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// How long answers after `after` were other than 200 (sum of sample intervals).
-    fn not_ok_time(&self, after: Instant) -> Duration {
-        let d = self.data.lock().unwrap();
-        let samples: Vec<&Sample> = d.samples.iter().filter(|s| s.at >= after).collect();
-        samples.windows(2).filter(|w| w[0].code != Some(200)).map(|w| w[1].at - w[0].at).sum()
-    }
-
-    /// The first answer after `after` that was not 200.
-    fn first_not_ok(&self, after: Instant) -> Option<Instant> {
-        self.data.lock().unwrap().samples.iter().find(|s| s.at >= after && s.code != Some(200)).map(|s| s.at)
-    }
-
-    fn latencies(&self) -> Vec<Duration> {
-        self.data.lock().unwrap().samples.iter().map(|s| s.latency).collect()
-    }
-
-    fn details_matching(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        let d = self.data.lock().unwrap();
-        d.changes.iter().map(|c| c.2.clone()).filter(|t| keep(t)).collect()
-    }
-
-    fn stop(mut self) -> History {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        let d = self.data.lock().unwrap();
-        let first = d.changes.first().map(|c| c.0);
-        let text = d
-            .changes
-            .iter()
-            .map(|(at, code, detail)| {
-                let rel = first.map(|f| *at - f).unwrap_or_default();
-                let code = code.map_or("no answer".to_string(), |c| c.to_string());
-                format!("\n  +{:.0} ms {code} {detail}", rel.as_secs_f64() * 1000.0)
-            })
-            .collect();
-        History {
-            text,
-            not_ok: d.samples.iter().filter(|s| s.code != Some(200)).count(),
-            max_latency: d.samples.iter().map(|s| s.latency).max().unwrap_or_default(),
-        }
-    }
-}
-
 /// `n` `/readyz` latencies 10 ms apart, from the node's network namespace.
 fn probe_latencies(node: &mut Node, n: usize) -> Result<Vec<Duration>> {
     let leader = node.leader()?;
@@ -1422,29 +1295,6 @@ fn wait_failing(node: &mut Node, name: &str, needle: &str, timeout: Duration) ->
             "/readyz did not say {name}: ...{needle}... within {timeout:?}; last: {last}"
         );
         std::thread::sleep(POLL);
-    }
-}
-
-fn failing_checks(json: &serde_json::Value) -> String {
-    json["checks"]
-        .as_array()
-        .map(|checks| {
-            checks
-                .iter()
-                .filter(|c| c["ok"] == false)
-                .map(|c| {
-                    format!("{}: {}", c["name"].as_str().unwrap_or("?"), c["detail"].as_str().unwrap_or(""))
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_default()
-}
-
-fn failing_text(body: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(body) {
-        Ok(json) => failing_checks(&json),
-        Err(_) => body.chars().take(200).collect(),
     }
 }
 

@@ -579,7 +579,7 @@ mod tests {
         );
     }
 
-    /// The production config installs what the issue asks for and nothing under /usr but /usr/local.
+    /// The production config installs the binary, unit and config, and nothing under /usr but /usr/local.
     #[test]
     fn production_config_installs_binary_unit_and_config() {
         for variant in VARIANTS {

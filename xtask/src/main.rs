@@ -10,7 +10,12 @@ mod gojson;
 mod gzip;
 mod host;
 mod ignition;
+/// The agent's journal MESSAGE_IDs, the agent's own file (xtask does not depend on the agent).
+#[path = "../../src/message_ids.rs"]
+#[allow(dead_code)] // xtask looks for some of them only
+mod message_ids;
 mod node;
+mod probe;
 mod tree;
 mod yaml;
 
@@ -36,7 +41,7 @@ commands:
                        turn (default all: bookworm, then trixie)
   fuzz [--seconds N] [TARGET...]  run the cargo-fuzz targets in fuzz/ for N s each (default 10);
                        fails on a crash and prints the input's path under fuzz/artifacts/
-  faults [--os OS|all] [CASE...]  (root) issue 4's faults, hardened unit and load cases, each on
+  faults [--os OS|all] [CASE...]  (root) the fault, hardened-unit and load cases, each on
                        a fresh node, on each OS in turn (default all; --list names them)
   bench [OPTIONS]      (root) time to ready, probe cost, drift and footprint, each against a
                        baseline in the same run; writes docs/performance.md

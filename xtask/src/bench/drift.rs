@@ -5,6 +5,7 @@
 use super::load::Prober;
 use super::ready::{agent_journal, message, mono};
 use super::{nsenter, nsenter_as_core, random_u64};
+use crate::message_ids::{NODE_NOT_READY, NODE_READY, REPAIR_FAILED};
 use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
@@ -157,8 +158,7 @@ pub fn agent_faults(
         .iter()
         .filter_map(|e| {
             let id = e["MESSAGE_ID"].as_str()?;
-            (id == super::NODE_NOT_READY || id == super::NODE_READY)
-                .then(|| (mono(e), id == super::NODE_READY))
+            (id == NODE_NOT_READY || id == NODE_READY).then(|| (mono(e), id == NODE_READY))
         })
         .collect();
     for i in 0..runs.len() {
@@ -176,9 +176,6 @@ pub fn agent_faults(
     }
     Ok(runs)
 }
-
-/// The agent's "a repair failed; retried after the backoff" MESSAGE_ID (src/journal.rs).
-const REPAIR_FAILED: &str = "171da1b65d684b68b7d4ae5d2f729da7";
 
 fn ms_opt(us: Option<u64>) -> String {
     us.map_or("-".to_string(), |u| format!("{:.0} ms", u as f64 / 1000.0))

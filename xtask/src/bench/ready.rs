@@ -7,6 +7,7 @@ use super::load::Prober;
 use super::{nsenter, Json};
 use crate::butane::{File, Link, NodeFields, Resource};
 use crate::ignition::Extras;
+use crate::message_ids;
 use crate::node::{self, Node, AGENT_PORT};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -480,7 +481,7 @@ pub fn boot_one(
         let journal = agent_journal(leader)?;
         for entry in &journal {
             let at = mono(entry);
-            if entry["MESSAGE_ID"] == super::NODE_READY && boot.node_ready_us.is_none() {
+            if entry["MESSAGE_ID"] == message_ids::NODE_READY && boot.node_ready_us.is_none() {
                 boot.node_ready_us = Some(at);
             }
             if let Some(ms) = entry["FIRST_PASS_MS"].as_str().and_then(|v| v.parse::<f64>().ok()) {
