@@ -1,7 +1,7 @@
 //! Check results: what each step last saw, whether readiness depends on it, flap damping,
 //! and when each check last changed.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::time::SystemTime;
 
 /// The checks the core steps report, in the order they are shown.
@@ -11,59 +11,22 @@ pub const CHECK_NAMES: [&str; 6] =
 /// The longest detail a check carries (a status line carries one, the JSON answers all).
 pub const MAX_DETAIL_CHARS: usize = 1000;
 
-/// How a check affects readiness, and how many observations it takes to flip it (like
-/// Consul's `failures_before_critical` and `success_before_passing`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckPolicy {
-    pub required: bool,
-    pub failures_before_critical: u32,
-    pub successes_before_passing: u32,
-}
+pub use crate::config::{CheckPolicy, CheckPolicyOverride};
 
-impl CheckPolicy {
-    pub fn default_for(name: &str) -> CheckPolicy {
-        CheckPolicy {
-            // Each step declares which of its checks are advisory (src/steps/, `SPEC`).
-            required: crate::steps::check_spec(name).is_none_or(|c| !c.advisory),
-            failures_before_critical: 1,
-            successes_before_passing: 1,
-        }
+/// A check's policy when the configuration says nothing: required unless its step declares
+/// it advisory (`SPEC` in src/steps/), flipping on the first disagreeing observation.
+pub fn default_policy(name: &str) -> CheckPolicy {
+    CheckPolicy {
+        required: crate::steps::check_spec(name).is_none_or(|c| !c.advisory),
+        failures_before_critical: 1,
+        successes_before_passing: 1,
     }
 }
 
-/// `[checks.NAME]` as written: every key optional, the rest from the check's defaults.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckPolicyOverride {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub required: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
-    pub failures_before_critical: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
-    pub successes_before_passing: Option<u32>,
-}
-
-impl CheckPolicyOverride {
-    pub fn apply(&self, mut policy: CheckPolicy) -> CheckPolicy {
-        if let Some(v) = self.required {
-            policy.required = v;
-        }
-        if let Some(v) = self.failures_before_critical {
-            policy.failures_before_critical = v;
-        }
-        if let Some(v) = self.successes_before_passing {
-            policy.successes_before_passing = v;
-        }
-        policy
-    }
-}
-
-fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let v = i64::deserialize(d)?;
-    match u32::try_from(v) {
-        Ok(v) if v >= 1 => Ok(Some(v)),
-        _ => Err(serde::de::Error::custom(format!("{v} is not a count of 1 or more"))),
-    }
+/// The policy of one check: `[checks.NAME]` over its default.
+pub fn configured_policy(settings: &crate::config::Settings, name: &str) -> CheckPolicy {
+    let default = default_policy(name);
+    settings.checks.get(name).map_or(default, |o| o.apply(default))
 }
 
 /// One observation made by a step.
@@ -127,7 +90,7 @@ pub struct CheckSet {
 impl CheckSet {
     /// The core checks, not run yet, with their default policies.
     pub fn pending(now: SystemTime) -> Self {
-        Self::pending_with(&CHECK_NAMES, CheckPolicy::default_for, now)
+        Self::pending_with(&CHECK_NAMES, default_policy, now)
     }
 
     /// Checks that have not run yet, so a probe before the first pass says why it is not ready.
@@ -171,7 +134,7 @@ impl CheckSet {
             let index = match self.checks.iter().position(|c| c.name == obs.name) {
                 Some(i) => i,
                 None => {
-                    let policy = CheckPolicy::default_for(obs.name);
+                    let policy = default_policy(obs.name);
                     self.checks.push(Check {
                         name: obs.name,
                         ok: false,

@@ -20,7 +20,8 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
     let root = cli.root.clone().map(Root::new).unwrap_or_else(Root::host);
     let config_file = cli.config.clone();
     let load = |root: &Root| {
-        config::load(root, config_file.as_deref()).context("invalid configuration, refusing to start")
+        config::load(root, config_file.as_deref(), &crate::steps::check_names())
+            .context("invalid configuration, refusing to start")
     };
     match cli.command {
         Command::UserManager(command) => {

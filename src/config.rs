@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::checks::{CheckPolicy, CheckPolicyOverride};
 use crate::paths::Root;
 
 pub const MAIN_CONFIG: &str = "/etc/executor-agent/config.toml";
@@ -41,7 +40,7 @@ pub struct Settings {
     pub repair: Repair,
     /// Per-check policy: `[checks.NAME]` with `required`, `failures_before_critical`,
     /// `successes_before_passing`. Checks not named keep their defaults.
-    #[serde(deserialize_with = "check_policies")]
+    /// Names are checked against the steps' checks when loading (`merge`'s `known_checks`).
     pub checks: BTreeMap<String, CheckPolicyOverride>,
     pub storage: Storage,
     pub cgroups: Cgroups,
@@ -297,11 +296,47 @@ impl Default for Control {
     }
 }
 
-impl Settings {
-    /// The policy of one check: the configured one, or the check's default.
-    pub fn check_policy(&self, name: &str) -> CheckPolicy {
-        let default = CheckPolicy::default_for(name);
-        self.checks.get(name).map_or(default, |o| o.apply(default))
+/// How a check affects readiness, and how many observations it takes to flip it (like
+/// Consul's `failures_before_critical` and `success_before_passing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckPolicy {
+    pub required: bool,
+    pub failures_before_critical: u32,
+    pub successes_before_passing: u32,
+}
+
+/// `[checks.NAME]` as written: every key optional, the rest from the check's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckPolicyOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
+    pub failures_before_critical: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "at_least_one")]
+    pub successes_before_passing: Option<u32>,
+}
+
+impl CheckPolicyOverride {
+    pub fn apply(&self, mut policy: CheckPolicy) -> CheckPolicy {
+        if let Some(v) = self.required {
+            policy.required = v;
+        }
+        if let Some(v) = self.failures_before_critical {
+            policy.failures_before_critical = v;
+        }
+        if let Some(v) = self.successes_before_passing {
+            policy.successes_before_passing = v;
+        }
+        policy
+    }
+}
+
+fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = i64::deserialize(d)?;
+    match u32::try_from(v) {
+        Ok(v) if v >= 1 => Ok(Some(v)),
+        _ => Err(serde::de::Error::custom(format!("{v} is not a count of 1 or more"))),
     }
 }
 
@@ -352,7 +387,9 @@ pub fn config_files(root: &Root, main: Option<&Path>) -> Result<Vec<PathBuf>, Co
 }
 
 /// Loads, merges and validates the configuration.
-pub fn load(root: &Root, main: Option<&Path>) -> Result<Settings, ConfigError> {
+/// `known_checks`: the names `[checks.NAME]` may use (`steps::check_names()`); the steps own
+/// them, and the configuration does not depend on the steps.
+pub fn load(root: &Root, main: Option<&Path>, known_checks: &[&str]) -> Result<Settings, ConfigError> {
     let files = config_files(root, main)?;
     let mut texts = Vec::with_capacity(files.len());
     for file in files {
@@ -360,17 +397,20 @@ pub fn load(root: &Root, main: Option<&Path>) -> Result<Settings, ConfigError> {
             .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
         texts.push((file, text));
     }
-    merge(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())))
+    merge(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())), known_checks)
 }
 
 /// Applies fragments in order over the defaults; exposed for tests and fuzzing.
-pub fn merge<'a>(fragments: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Settings, ConfigError> {
+pub fn merge<'a>(
+    fragments: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    known_checks: &[&str],
+) -> Result<Settings, ConfigError> {
     let mut merged = toml::Table::new();
     // "section.key" -> the file that set it last, to name it in cross-key errors.
     let mut origin: BTreeMap<String, (usize, PathBuf)> = BTreeMap::new();
     for (index, (file, text)) in fragments.into_iter().enumerate() {
         // Validating each file alone is what lets an error name the file and line.
-        parse_fragment(file, text)?;
+        parse_fragment(file, text, known_checks)?;
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Invalid {
             file: file.to_path_buf(),
             line: 1,
@@ -469,21 +509,37 @@ fn validate_across_keys(
     Ok(())
 }
 
-fn parse_fragment(file: &Path, text: &str) -> Result<Settings, ConfigError> {
+fn parse_fragment(file: &Path, text: &str, known_checks: &[&str]) -> Result<Settings, ConfigError> {
     let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
         let line = span.map(|s| line_of(text, s.start)).unwrap_or(1);
         ConfigError::Invalid { file: file.to_path_buf(), line, key, message }
     };
     let deserializer = toml::de::Deserializer::parse(text)
         .map_err(|e| invalid(e.span(), "(syntax)".into(), e.message().trim().to_string()))?;
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+    let fragment: Settings = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = match e.path().to_string() {
             p if p == "." => "(top level)".to_string(),
             p => p,
         };
         let inner = e.into_inner();
         invalid(inner.span(), key, inner.message().trim().to_string())
-    })
+    })?;
+    if let Some(unknown) = fragment.checks.keys().find(|k| !known_checks.contains(&k.as_str())) {
+        return Err(invalid(
+            check_key_span(text, unknown),
+            format!("checks.{unknown}"),
+            format!("no check is called {unknown:?}; checks are {}", known_checks.join(", ")),
+        ));
+    }
+    Ok(fragment)
+}
+
+/// Where `[checks.NAME]` (or `checks.NAME = ...`, or `NAME` under `[checks]`) names `name`.
+fn check_key_span(text: &str, name: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let checks = doc.as_table().get("checks")?.as_table_like()?;
+    let (key, _) = checks.get_key_value(name)?;
+    key.span()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -590,20 +646,6 @@ fn cred_helpers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Stri
     Ok(map)
 }
 
-fn check_policies<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, CheckPolicyOverride>, D::Error> {
-    let map = BTreeMap::<String, CheckPolicyOverride>::deserialize(d)?;
-    if let Some(unknown) = map.keys().find(|k| crate::steps::check_spec(k).is_none()) {
-        let known: Vec<_> = crate::steps::all_checks().map(|c| c.name).collect();
-        return Err(D::Error::custom(format!(
-            "no check is called {unknown:?}; checks are {}",
-            known.join(", ")
-        )));
-    }
-    Ok(map)
-}
-
 impl fmt::Display for Settings {
     /// The effective configuration, in the file's format (`executor-agent config`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -616,7 +658,7 @@ mod tests {
     use super::*;
 
     fn merged(fragments: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        merge(fragments.iter().map(|(f, t)| (Path::new(*f), *t)))
+        merge(fragments.iter().map(|(f, t)| (Path::new(*f), *t)), &crate::steps::check_names())
     }
 
     #[test]
@@ -627,8 +669,8 @@ mod tests {
         assert_eq!(s.subids.count, 65536);
         assert_eq!(s.http.listen.to_string(), "0.0.0.0:9739");
         assert_eq!(s.sysctl.unprivileged_port_start, 80);
-        assert!(s.check_policy("podman-api").required);
-        assert!(!s.check_policy("docker-cli").required);
+        assert!(crate::checks::configured_policy(&s, "podman-api").required);
+        assert!(!crate::checks::configured_policy(&s, "docker-cli").required);
     }
 
     #[test]
@@ -646,8 +688,8 @@ mod tests {
         assert_eq!(s.runner.user, "ci");
         assert_eq!(s.subids.count, 131072);
         assert_eq!(s.subids.lock_timeout, Duration::from_secs(15));
-        assert!(s.check_policy("docker-cli").required);
-        assert_eq!(s.check_policy("docker-cli").failures_before_critical, 1);
+        assert!(crate::checks::configured_policy(&s, "docker-cli").required);
+        assert_eq!(crate::checks::configured_policy(&s, "docker-cli").failures_before_critical, 1);
         assert_eq!(s.podman_config.cred_helpers["1.dkr.ecr.eu-west-1.amazonaws.com"], "ecr-login");
         assert!(s.podman_config.manage);
     }
@@ -680,7 +722,8 @@ mod tests {
             ("\n[http]\nlisten = \"localhost\"\n", "http.listen", 3),
             ("[podman]\nsocket_unit = \"podman.service\"\n", "podman.socket_unit", 2),
             ("[storage]\ngc_high_percent = 101\n", "storage.gc_high_percent", 2),
-            ("[checks.nonsense]\nrequired = true\n", "checks", 1),
+            ("[checks.nonsense]\nrequired = true\n", "checks.nonsense", 1),
+            ("\n[checks]\ncanary = { required = false }\nnonsense = {}\n", "checks.nonsense", 4),
             ("[checks.docker-cli]\nrequired = \"yes\"\n", "checks.docker-cli.required", 2),
             (
                 "[checks.docker-cli]\nfailures_before_critical = 0\n",
@@ -755,7 +798,7 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
-        let s = load(&root, None).unwrap();
+        let s = load(&root, None, &crate::steps::check_names()).unwrap();
         assert_eq!(s.subids.count, 3);
         assert_eq!(s.runner.user, "main");
         assert_eq!(s.http.listen.to_string(), "127.0.0.1:1");

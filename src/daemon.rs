@@ -93,7 +93,7 @@ async fn keep_watchdog_fed(snapshot: watch::Receiver<Snapshot>, every: Duration,
 /// Every check the steps will report, with the configured policies, none run yet.
 pub fn pending_checks(cx: &Context, steps: &[Step]) -> CheckSet {
     let names: Vec<&'static str> = steps.iter().flat_map(|s| s.checks()).collect();
-    CheckSet::pending_with(&names, |n| cx.settings.check_policy(n), SystemTime::now())
+    CheckSet::pending_with(&names, |n| crate::checks::configured_policy(&cx.settings, n), SystemTime::now())
 }
 
 /// Everything the agent tells about the checks: journal, systemd status, probes, metrics.

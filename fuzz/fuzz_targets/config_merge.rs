@@ -17,8 +17,9 @@ fuzz_target!(|data: &[u8]| {
         (0..texts.len()).map(|i| PathBuf::from(format!("/etc/executor-agent/config.d/{i}.toml"))).collect();
     let fragments = || paths.iter().map(PathBuf::as_path).zip(texts.iter().map(String::as_str));
 
-    let first = merge(fragments());
-    let second = merge(fragments());
+    let checks = executor_agent::steps::check_names();
+    let first = merge(fragments(), &checks);
+    let second = merge(fragments(), &checks);
     match (&first, &second) {
         (Ok(a), Ok(b)) => assert_eq!(a, b, "merge is not deterministic"),
         (Err(a), Err(b)) => {
@@ -31,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Applying every fragment twice in a row changes nothing.
     let twice: Vec<(&Path, &str)> = fragments().flat_map(|f| [f, f]).collect();
-    match (&first, merge(twice)) {
+    match (&first, merge(twice, &checks)) {
         (Ok(a), Ok(b)) => assert_eq!(*a, b, "a repeated fragment changed the result"),
         (Err(_), Err(_)) => {}
         (a, b) => panic!("a repeated fragment changed the outcome: {a:?} vs {b:?}"),

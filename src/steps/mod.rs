@@ -244,6 +244,11 @@ pub fn all_checks() -> impl Iterator<Item = &'static CheckSpec> {
     Step::ALL.iter().flat_map(|s| s.spec().checks)
 }
 
+/// The names of every check, in the order they are shown (what `[checks.NAME]` accepts).
+pub fn check_names() -> Vec<&'static str> {
+    all_checks().map(|c| c.name).collect()
+}
+
 /// The check called `name`, if the agent has one.
 pub fn check_spec(name: &str) -> Option<&'static CheckSpec> {
     all_checks().find(|c| c.name == name)

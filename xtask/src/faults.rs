@@ -611,7 +611,7 @@ const BAD_VALUES: &[BadValue] = &[
         text: "[podman]\nsocket_unit = \"podman.service\"\n",
         key: "podman.socket_unit",
     },
-    BadValue { what: "unknown check", text: "[checks.nosuch]\nrequired = true\n", key: "checks" },
+    BadValue { what: "unknown check", text: "[checks.nosuch]\nrequired = true\n", key: "checks.nosuch" },
     BadValue {
         what: "percentage out of range",
         text: "[storage]\nnot_ready_percent = 101\n",

@@ -457,7 +457,7 @@ fn a_local_unit_file_is_not_replaced_by_a_mask() {
 
 #[test]
 fn the_step_is_advisory_and_file_only() {
-    assert!(!crate::checks::CheckPolicy::default_for(CHECK).required);
+    assert!(!crate::checks::default_policy(CHECK).required);
     assert!(crate::steps::check_spec(CHECK).is_some_and(|c| c.advisory));
     assert!(!Step::RunnerPrivileges.needs_live_system());
     assert_eq!(Step::RunnerPrivileges.checks().collect::<Vec<_>>(), [CHECK]);
