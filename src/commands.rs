@@ -10,9 +10,9 @@ use crate::cli::{Cli, Command};
 use crate::config::{self, Settings};
 use crate::control;
 use crate::daemon;
+use crate::http_client;
 use crate::journal;
 use crate::paths::Root;
-use crate::podman_api;
 use crate::runner_user::Account;
 use crate::steps::{self, Context, Step};
 
@@ -31,7 +31,9 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         Command::Drain { reason } => {
             let settings = load(&root)?;
             let body = serde_json::json!({ "reason": reason });
-            let answer = control::client(&settings.control.socket, "POST", "/drain", Some(body)).await?;
+            let answer =
+                control::client(&settings.control.socket, http_client::Method::POST, "/drain", Some(body))
+                    .await?;
             let d = &answer["drain"];
             println!(
                 "drained since {}: {}",
@@ -42,7 +44,9 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Undrain => {
             let settings = load(&root)?;
-            let answer = control::client(&settings.control.socket, "POST", "/undrain", None).await?;
+            let answer =
+                control::client(&settings.control.socket, http_client::Method::POST, "/undrain", None)
+                    .await?;
             match answer["ended"]["reason"].as_str() {
                 Some(reason) => println!("undrained (was: {reason})"),
                 None => println!("was not drained"),
@@ -162,7 +166,7 @@ async fn wait_ready(settings: &Settings, address: Option<String>, timeout: Durat
     loop {
         let attempt = async {
             let stream = tokio::net::TcpStream::connect(&address).await?;
-            podman_api::get(stream, &address, "/readyz").await
+            http_client::get(stream, &address, "/readyz").await
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok((200, body))) => {

@@ -44,51 +44,66 @@ pub fn router(state: ControlState) -> Router {
         .with_state(state)
 }
 
-async fn show(State(state): State<ControlState>) -> Response {
-    match drain::current(&state.root) {
-        Ok(d) => Json(serde_json::json!({ "drained": d.is_some(), "drain": d })).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, journal::detail(&e)).into_response(),
+/// A handler's failure: a status and a message, as in axum's anyhow-error-response example.
+/// Internal errors carry their chain, one line.
+pub struct AppError {
+    status: StatusCode,
+    message: String,
+}
+
+impl AppError {
+    fn bad_request(message: String) -> Self {
+        AppError { status: StatusCode::BAD_REQUEST, message }
     }
 }
 
-async fn start_drain(State(state): State<ControlState>, Json(request): Json<DrainRequest>) -> Response {
+impl<E: Into<anyhow::Error>> From<E> for AppError {
+    fn from(e: E) -> Self {
+        AppError { status: StatusCode::INTERNAL_SERVER_ERROR, message: journal::detail(&e.into()) }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.status, format!("{}\n", self.message)).into_response()
+    }
+}
+
+type Answer = Result<Json<serde_json::Value>, AppError>;
+
+async fn show(State(state): State<ControlState>) -> Answer {
+    let d = drain::current(&state.root)?;
+    Ok(Json(serde_json::json!({ "drained": d.is_some(), "drain": d })))
+}
+
+async fn start_drain(State(state): State<ControlState>, Json(request): Json<DrainRequest>) -> Answer {
     let reason = request.reason.trim();
     if reason.is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
-        return (StatusCode::BAD_REQUEST, format!("reason must be 1 to {MAX_REASON} printable characters\n"))
-            .into_response();
+        return Err(AppError::bad_request(format!("reason must be 1 to {MAX_REASON} printable characters")));
     }
-    match drain::drain(&state.root, reason, state.by) {
-        Ok(record) => {
-            tracing::warn!(message_id = journal::NODE_CHANGED, reason, by = state.by, "drained: {reason}");
-            state.wake.notify_one();
-            Json(serde_json::json!({ "drained": true, "drain": record })).into_response()
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, journal::detail(&e)).into_response(),
-    }
+    let record = drain::drain(&state.root, reason, state.by)?;
+    tracing::warn!(message_id = journal::NODE_CHANGED, reason, by = state.by, "drained: {reason}");
+    state.wake.notify_one();
+    Ok(Json(serde_json::json!({ "drained": true, "drain": record })))
 }
 
-async fn end_drain(State(state): State<ControlState>) -> Response {
-    match drain::undrain(&state.root) {
-        Ok(ended) => {
-            if ended.is_some() {
-                tracing::info!(message_id = journal::NODE_CHANGED, by = state.by, "undrained");
-            }
-            state.wake.notify_one();
-            Json(serde_json::json!({ "drained": false, "ended": ended })).into_response()
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, journal::detail(&e)).into_response(),
+async fn end_drain(State(state): State<ControlState>) -> Answer {
+    let ended = drain::undrain(&state.root)?;
+    if ended.is_some() {
+        tracing::info!(message_id = journal::NODE_CHANGED, by = state.by, "undrained");
     }
+    state.wake.notify_one();
+    Ok(Json(serde_json::json!({ "drained": false, "ended": ended })))
 }
 
 /// Serves the control routes on a Unix socket that only root may use: the socket is 0600,
-/// and every connection's peer UID is checked as well. (Its directory stays readable: the
+/// and every request's peer UID is checked as well (`serve::only_root`). (Its directory stays readable: the
 /// runtime configuration drop-ins live beside it.)
 pub async fn serve_socket(
     path: &Path,
     state: ControlState,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    use hyper_util::rt::TokioIo;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -103,38 +118,10 @@ pub async fn serve_socket(
     nix::sys::stat::umask(old_umask);
     let listener = bound.with_context(|| format!("listening on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let app = router(state);
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("control socket: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == 0 => {}
-            Ok(cred) => {
-                tracing::warn!("control socket: refused a connection from uid {}", cred.uid());
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("control socket: no peer credentials: {e}");
-                continue;
-            }
-        }
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let connection =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), connection).await;
-        });
-    }
+    // The socket's mode already keeps others out; the peer check holds even for a
+    // connection passed on by a process that could open it.
+    let app = router(state).layer(axum::middleware::from_fn(crate::serve::only_root));
+    crate::serve::serve(listener, app, crate::serve::Limits::default(), shutdown).await;
     let _ = std::fs::remove_file(path);
     Ok(())
 }
@@ -190,31 +177,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `executor-agent drain` / `undrain`: one request on the control socket.
 pub async fn client(
     socket: &Path,
-    method: &str,
+    method: crate::http_client::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!("connecting to {} (is the agent running, and are you root?)", socket.display())
-    })?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: executor-agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut response))
+    const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+            format!("connecting to {} (is the agent running, and are you root?)", socket.display())
+        })?;
+        crate::http_client::request(stream, "executor-agent", method, path, body.as_ref(), 64 * 1024).await
+    };
+    let (status, answer) = tokio::time::timeout(ANSWER_TIMEOUT, exchange)
         .await
-        .context("no answer from the agent within 10s")??;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
-        bail!("the agent answered {status}: {}", body.trim());
+        .map_err(|_| anyhow::anyhow!("no answer from the agent within 10s"))??;
+    let text = String::from_utf8_lossy(&answer);
+    if status != 200 {
+        bail!("the agent answered {status}: {}", text.trim());
     }
-    serde_json::from_str(body.trim()).context("parsing the agent's answer")
+    serde_json::from_str(text.trim()).context("parsing the agent's answer")
 }
 
 #[cfg(test)]
@@ -270,15 +251,27 @@ mod tests {
         }
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let answer =
-            client(&socket, "POST", "/drain", Some(serde_json::json!({"reason": "scale-in"}))).await.unwrap();
+        let answer = client(
+            &socket,
+            crate::http_client::Method::POST,
+            "/drain",
+            Some(serde_json::json!({"reason": "scale-in"})),
+        )
+        .await
+        .unwrap();
         assert_eq!(answer["drain"]["reason"], "scale-in");
         tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified()).await.unwrap();
         assert_eq!(drain::current(&root).unwrap().unwrap().by, "test");
-        let err =
-            client(&socket, "POST", "/drain", Some(serde_json::json!({"reason": ""}))).await.unwrap_err();
+        let err = client(
+            &socket,
+            crate::http_client::Method::POST,
+            "/drain",
+            Some(serde_json::json!({"reason": ""})),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("400"), "{err}");
-        let answer = client(&socket, "POST", "/undrain", None).await.unwrap();
+        let answer = client(&socket, crate::http_client::Method::POST, "/undrain", None).await.unwrap();
         assert_eq!(answer["ended"]["reason"], "scale-in");
         assert_eq!(drain::current(&root).unwrap(), None);
         stop.send(()).unwrap();

@@ -2,9 +2,8 @@
 //! Probes answer from the latest results and never wait on Podman or D-Bus.
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -15,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::checks::{Check, CheckSet};
 use crate::metrics::Metrics;
+pub use crate::serve::{serve, Limits};
 use std::collections::BTreeMap;
 
 /// Who the node serves: fixed for the agent's life, part of `/status`.
@@ -116,30 +116,6 @@ struct Status<'a> {
     checks: &'a [Check],
 }
 
-/// Bounds that keep a slow or hostile client from tying the endpoint up.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Connections served at once; more wait in the kernel's accept queue.
-    pub max_connections: usize,
-    /// A client must send its request headers within this long (slowloris).
-    pub header_read_timeout: Duration,
-    /// A request that takes longer is answered 408.
-    pub request_timeout: Duration,
-    /// Largest request body accepted (the endpoints take none).
-    pub max_body: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 256,
-            header_read_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(10),
-            max_body: 1024,
-        }
-    }
-}
-
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -147,84 +123,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(state)
-        .layer(axum::middleware::from_fn(refuse_bodies))
-}
-
-/// The endpoints read no body: refuse a large or unbounded one before anything else.
-async fn refuse_bodies(request: Request, next: Next) -> Response {
-    let max = Limits::default().max_body;
-    let headers = request.headers();
-    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    if chunked || length.is_some_and(|l| l > max) {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
-    }
-    next.run(request).await
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    limits: Limits,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let (stopping_tx, stopping) = watch::channel(false);
-    let app = app.layer(
-        tower::ServiceBuilder::new()
-            .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
-                (StatusCode::REQUEST_TIMEOUT, "request timed out\n")
-            }))
-            .timeout(limits.request_timeout),
-    );
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(16 * 1024);
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let mut stopping = stopping.clone();
-        connections.spawn(async move {
-            tokio::pin!(connection);
-            // Idle keep-alive connections are closed by the header read timeout; a stopping
-            // server lets the request in flight finish.
-            let finished = tokio::select! {
-                _ = connection.as_mut() => true,
-                _ = stopping.wait_for(|s| *s) => false,
-            };
-            if !finished {
-                connection.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
-            }
-            drop(slot);
-        });
-        while connections.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let _ = stopping_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

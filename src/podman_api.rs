@@ -1,101 +1,24 @@
-//! The Docker-compatible Podman API over its Unix socket: a small HTTP/1 client (`get`,
-//! `request`, [`Client`]), proof that the API answers (`probe`), and typed calls for images
-//! and containers ([`objects`]). `wait-ready` shares `get` over TCP.
+//! The Docker-compatible Podman API over its Unix socket: [`Client`] (on the project's HTTP
+//! client, `crate::http_client`), proof that the API answers (`probe`), and typed calls for
+//! images and containers ([`objects`]).
 
 pub mod objects;
 
+pub use crate::http_client::{get, request, request_with_body, RequestBody};
+
 use anyhow::{anyhow, bail, Context, Result};
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 pub use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The most of an engine's error message that a check's detail carries.
 pub const MAX_MESSAGE_CHARS: usize = 300;
-/// Largest response body `get` reads; `/version` is about 1 KiB.
-const MAX_BODY: usize = 64 * 1024;
 /// Largest body [`Client`] reads: `/images/json` of a CI node with hundreds of tagged images
 /// is a few hundred KiB, so this leaves room without letting a broken peer fill memory.
 pub const MAX_LIST_BODY: usize = 16 * 1024 * 1024;
-
-/// One GET request on an already connected stream; returns status and body.
-pub async fn get<S>(stream: S, host: &str, path: &str) -> Result<(u16, Bytes)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    request(stream, host, Method::GET, path, None, MAX_BODY).await
-}
-
-/// One request on an already connected stream, with an optional JSON body; returns status
-/// and body (at most `max_body` bytes, else an error).
-pub async fn request<S>(
-    stream: S,
-    host: &str,
-    method: Method,
-    path: &str,
-    json: Option<&serde_json::Value>,
-    max_body: usize,
-) -> Result<(u16, Bytes)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let body = match json {
-        Some(value) => {
-            Some(RequestBody { content_type: "application/json", bytes: serde_json::to_vec(value)?.into() })
-        }
-        None => None,
-    };
-    request_with_body(stream, host, method, path, body, max_body).await
-}
-
-/// A request body with its media type (JSON documents, or a tar for an image import).
-#[derive(Clone, Debug)]
-pub struct RequestBody {
-    pub content_type: &'static str,
-    pub bytes: Bytes,
-}
-
-/// [`request`] with any body.
-pub async fn request_with_body<S>(
-    stream: S,
-    host: &str,
-    method: Method,
-    path: &str,
-    body: Option<RequestBody>,
-    max_body: usize,
-) -> Result<(u16, Bytes)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    let driver = tokio::spawn(conn);
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, host)
-        .header(hyper::header::USER_AGENT, concat!("executor-agent/", env!("CARGO_PKG_VERSION")));
-    let body = match body {
-        Some(body) => {
-            builder = builder.header(hyper::header::CONTENT_TYPE, body.content_type);
-            body.bytes
-        }
-        None => Bytes::new(),
-    };
-    let response = sender.send_request(builder.body(Full::new(body))?).await?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), max_body)
-        .collect()
-        .await
-        .map_err(|e| anyhow!("reading the response body: {e}"))?
-        .to_bytes();
-    driver.abort();
-    Ok((status, body))
-}
 
 /// A non-2xx answer, with the engine's own message (`{"message": ...}` in the Docker API).
 /// Callers tell cases apart by `status` (404 no such object, 409 conflict such as in use).

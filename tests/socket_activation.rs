@@ -217,16 +217,21 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
-    /// SIGTERM, as `systemctl stop/restart` sends, and whether the exit was clean as systemd
-    /// counts it (0, or death by SIGTERM before the agent handles it).
-    fn stop(mut self) -> bool {
+    /// SIGTERM, as `systemctl stop/restart` sends; panics unless the exit was clean as systemd
+    /// counts it (0, or death by SIGTERM before the agent handles it), with the status and log.
+    fn stop(mut self) {
         // SAFETY: kill(2) on the child's PID, which has not been reaped yet.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 use std::os::unix::process::ExitStatusExt;
-                return status.success() || status.signal() == Some(libc::SIGTERM);
+                assert!(
+                    status.success() || status.signal() == Some(libc::SIGTERM),
+                    "the agent's exit on SIGTERM was not clean: {status}\n{}",
+                    self.log()
+                );
+                return;
             }
             assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -270,7 +275,7 @@ fn a_probe_during_a_restart_waits_for_the_next_agent_instead_of_being_refused() 
     let log = first.log();
     assert!(log.contains("held by executor-agent.socket (socket activation)"), "{log}");
     assert!(!log.contains("http.listen is"), "http.listen equals the socket's address: {log}");
-    assert!(first.stop());
+    first.stop();
 
     // No agent runs: nobody else can bind the port, and a probe is queued, not refused.
     assert_eq!(
@@ -290,7 +295,7 @@ fn a_probe_during_a_restart_waits_for_the_next_agent_instead_of_being_refused() 
     assert!(answer.ends_with("ok\n"), "{answer}");
     assert!(waited >= gap, "answered after {waited:?}, before the second agent started");
     eprintln!("a probe made while no agent ran was answered after {waited:?} ({gap:?} without an agent)");
-    assert!(second.stop());
+    second.stop();
 }
 
 #[test]
@@ -311,5 +316,5 @@ fn without_socket_activation_the_agent_binds_http_listen() {
         .unwrap();
     let agent = Agent { child, log: Default::default() };
     await_answer(addr, &agent);
-    assert!(agent.stop());
+    agent.stop();
 }
