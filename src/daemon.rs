@@ -66,7 +66,8 @@ async fn one_pass(
 
 /// The checks a canary round needs, and why it cannot run when one fails.
 fn canary_blocked_by(checks: &CheckSet) -> Option<String> {
-    const NEEDED: [&str; 3] = ["linger", "podman-socket", "podman-api"];
+    const NEEDED: [&str; 3] =
+        [steps::linger::CHECK, steps::podman_socket::SOCKET_CHECK, steps::podman_socket::API_CHECK];
     let failing: Vec<&str> =
         checks.checks().iter().filter(|c| NEEDED.contains(&c.name) && !c.ok).map(|c| c.name).collect();
     (!failing.is_empty()).then(|| format!("waiting for {} to pass", failing.join(", ")))
@@ -449,7 +450,8 @@ async fn main_loop(
             ev.files.arm(&watched_dirs(cx));
             ev.containers_conf.arm(&ev.containers_dirs);
             if cx.root.is_host() {
-                let manager_up = reporter.checks.checks().iter().any(|c| c.name == "linger" && c.ok);
+                let manager_up =
+                    reporter.checks.checks().iter().any(|c| c.name == steps::linger::CHECK && c.ok);
                 if manager_up {
                     let units: Vec<&str> = ev.user_units.iter().map(String::as_str).collect();
                     ev.user_watch.ensure_running(&cx.user, &units, &ev.wake);

@@ -11,6 +11,7 @@ fn api(cx: &Context) -> Client {
     Client::new(super::podman_socket::socket_path(cx), cx.settings.canary.timeout)
         .with_expected_peer(cx.user.uid)
 }
+
 pub const SPEC: Spec = Spec {
     name: "canary",
     checks: &[CheckSpec::required(crate::canary::CHECK)],

@@ -7,7 +7,7 @@ use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::drain::current;
 
-const CHECK: &str = "drain";
+pub const CHECK: &str = "drain";
 
 /// Reports only: an operator's drain is undone by `undrain`, never by a repair.
 pub const SPEC: Spec = Spec {

@@ -12,8 +12,8 @@ use crate::checks::Observation;
 use crate::fsutil;
 use crate::idmap::executable_by;
 
-const CGROUP_CHECK: &str = "cgroup-delegation";
-const DOCKER_CHECK: &str = "docker-cli";
+pub const CGROUP_CHECK: &str = "cgroup-delegation";
+pub const DOCKER_CHECK: &str = "docker-cli";
 
 /// Our drop-in for every user manager; `Delegate=` lists add up across drop-ins.
 pub const DROP_IN: &str = "/etc/systemd/system/user@.service.d/50-executor-agent-delegate.conf";
@@ -194,9 +194,10 @@ fn docker_observation(cx: &Context) -> Observation {
         Err(why) => Observation::fail(DOCKER_CHECK, why),
     }
 }
+
 pub const SPEC: Spec = Spec {
     name: "host-tools",
-    checks: &[CheckSpec::advisory("cgroup-delegation"), CheckSpec::advisory("docker-cli")],
+    checks: &[CheckSpec::advisory(CGROUP_CHECK), CheckSpec::advisory(DOCKER_CHECK)],
     needs_live_system: true,
     after: &[],
     requires: &[],

@@ -24,8 +24,8 @@ use crate::idmap::*;
 use crate::subid::{self, IdKind, IdRange};
 use crate::{user_manager, userfs};
 
-const MAPPING_CHECK: &str = "subuid-mapping";
-const HELPERS_CHECK: &str = "newuidmap";
+pub const MAPPING_CHECK: &str = "subuid-mapping";
+pub const HELPERS_CHECK: &str = "newuidmap";
 
 /// Where Podman 4.x (libpod tmp dir under the runtime dir) and 5.x (fixed) keep the PID of
 /// the rootless pause process, relative to `$XDG_RUNTIME_DIR`.
@@ -385,9 +385,10 @@ fn helpers_observation(cx: &Context) -> Observation {
 }
 
 // ------------------------------------------------------------------------------------------------
+
 pub const SPEC: Spec = Spec {
     name: "id-mapping",
-    checks: &[CheckSpec::required("subuid-mapping"), CheckSpec::required("newuidmap")],
+    checks: &[CheckSpec::required(MAPPING_CHECK), CheckSpec::required(HELPERS_CHECK)],
     needs_live_system: true,
     after: &[Step::SubIds, Step::PodmanSocket],
     // A migrate with a broken subuid file would only make things worse.

@@ -7,7 +7,7 @@ use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::systemd::{self, UnitState};
 
-const CHECK: &str = "linger";
+pub const CHECK: &str = "linger";
 
 struct Seen {
     lingering: bool,
@@ -54,6 +54,7 @@ async fn see(cx: &Context) -> Result<Seen> {
     }
     result
 }
+
 pub const SPEC: Spec = Spec {
     name: "linger",
     checks: &[CheckSpec::required(CHECK)],

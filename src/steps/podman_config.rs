@@ -26,7 +26,7 @@ use crate::fsutil;
 use crate::idmap::executable_by;
 use crate::podman_conf::*;
 
-const CHECK: &str = "podman-config";
+pub const CHECK: &str = "podman-config";
 pub use crate::podman_conf::DOCKER_SOCK;
 /// Makes the link at boot (and now, through a transient systemd-tmpfiles run).
 pub const TMPFILES: &str = "/etc/tmpfiles.d/executor-agent-docker-sock.conf";
@@ -418,6 +418,7 @@ pub fn storage_not_ready(cx: &Context) -> Option<String> {
     }
     seen.problems.iter().find(|p| p.contains("storage") || p.contains(".config")).cloned()
 }
+
 pub const SPEC: Spec = Spec {
     name: "podman-config",
     checks: &[CheckSpec::required(CHECK)],

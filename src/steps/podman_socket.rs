@@ -10,8 +10,8 @@ use crate::podman_api::{self, EngineVersion};
 use crate::systemd::UnitState;
 use crate::user_manager;
 
-const SOCKET_CHECK: &str = "podman-socket";
-const API_CHECK: &str = "podman-api";
+pub const SOCKET_CHECK: &str = "podman-socket";
+pub const API_CHECK: &str = "podman-api";
 
 /// `/run/user/UID/podman/podman.sock`.
 pub fn socket_path(cx: &Context) -> PathBuf {
@@ -63,9 +63,10 @@ async fn see(cx: &Context) -> Seen {
     };
     Seen { unit, socket_file, socket_refused, api }
 }
+
 pub const SPEC: Spec = Spec {
     name: "podman-socket",
-    checks: &[CheckSpec::required("podman-socket"), CheckSpec::required("podman-api")],
+    checks: &[CheckSpec::required(SOCKET_CHECK), CheckSpec::required(API_CHECK)],
     needs_live_system: true,
     // The Podman service fixes its user namespace and storage driver when it first starts:
     // give it the subordinate IDs and its configuration first.

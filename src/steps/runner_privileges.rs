@@ -787,6 +787,7 @@ pub fn verdict(who: &Who, findings: &[String], unknown: &[String], notes: &[Stri
         )
     }
 }
+
 pub const SPEC: Spec = Spec {
     name: "runner-privileges",
     checks: &[CheckSpec::advisory(CHECK)],

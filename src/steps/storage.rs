@@ -14,7 +14,7 @@ use crate::checks::Observation;
 use crate::config::Storage as Thresholds;
 use usage::{bytes, Usage};
 
-const CHECK: &str = "storage";
+pub const CHECK: &str = "storage";
 
 /// Bytes freed by image GC in this process and not yet taken; see [`take_freed_bytes`].
 static FREED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -95,6 +95,7 @@ fn judge(name: &str, usage: &Usage, t: &Thresholds) -> Inspection {
     let observation = Observation { name: CHECK, ok: !blocks_full && !inodes_full, detail };
     Inspection { observations: vec![observation], plan }
 }
+
 pub const SPEC: Spec = Spec {
     name: "storage",
     checks: &[CheckSpec::required(CHECK)],

@@ -8,19 +8,23 @@ use crate::checks::Observation;
 use crate::subid::{self, EnsureOutcome, IdKind, IdRange};
 use crate::user_manager;
 
+pub const SUBUID_CHECK: &str = "subuid";
+pub const SUBGID_CHECK: &str = "subgid";
+
 fn check_name(kind: IdKind) -> &'static str {
     match kind {
-        IdKind::Uid => "subuid",
-        IdKind::Gid => "subgid",
+        IdKind::Uid => SUBUID_CHECK,
+        IdKind::Gid => SUBGID_CHECK,
     }
 }
 
 fn ranges(owned: &[IdRange]) -> String {
     owned.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
+
 pub const SPEC: Spec = Spec {
     name: "subids",
-    checks: &[CheckSpec::required("subuid"), CheckSpec::required("subgid")],
+    checks: &[CheckSpec::required(SUBUID_CHECK), CheckSpec::required(SUBGID_CHECK)],
     needs_live_system: false,
     after: &[],
     requires: &[],

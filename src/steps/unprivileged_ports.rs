@@ -9,7 +9,7 @@ use super::{CheckSpec, Context, Inspection, Spec};
 use crate::checks::Observation;
 use crate::fsutil;
 
-const CHECK: &str = "unprivileged-ports";
+pub const CHECK: &str = "unprivileged-ports";
 pub const KEY: &str = "net.ipv4.ip_unprivileged_port_start";
 const LIVE: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -112,6 +112,7 @@ fn validate_against(wanted: u16, local_port_range: &str) -> Result<()> {
     }
     Ok(())
 }
+
 pub const SPEC: Spec = Spec {
     name: "unprivileged-ports",
     checks: &[CheckSpec::required(CHECK)],
