@@ -49,6 +49,12 @@ pub enum Command {
         /// Shown in every output, e.g. "scale-in" or "kernel update".
         #[arg(long)]
         reason: String,
+        /// Then wait until no job runs (exit 0), for an ASG lifecycle hook or a shutdown script.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long, naming the jobs still running (exit 1).
+        #[arg(long, default_value = "1h", requires = "wait")]
+        timeout: humantime::Duration,
     },
     /// End a drain.
     Undrain,

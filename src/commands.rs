@@ -28,7 +28,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
             crate::user_manager::helper_main(command).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Drain { reason } => {
+        Command::Drain { reason, wait, timeout } => {
             let settings = load(&root)?;
             let body = serde_json::json!({ "reason": reason });
             let answer =
@@ -40,7 +40,10 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
                 d["since"].as_str().unwrap_or("?"),
                 d["reason"].as_str().unwrap_or("?")
             );
-            Ok(ExitCode::SUCCESS)
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_no_job(&settings.control.socket, timeout.into()).await
         }
         Command::Undrain => {
             let settings = load(&root)?;
@@ -106,9 +109,11 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
                 SystemTime::now(),
             );
             let plan: Vec<&String> = inspections.iter().flat_map(|(_, i)| &i.plan).collect();
+            let jobs = current_jobs(&cx).await;
             if json {
                 let doc = serde_json::json!({
                     "ready": set.ready(), "status": set.status_line(), "checks": set.checks(), "would_change": plan,
+                    "jobs": jobs.as_ref().ok(),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
@@ -116,11 +121,26 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
                 for change in &plan {
                     println!("would change: {change}");
                 }
+                match &jobs {
+                    Ok(jobs) => println!("jobs: {}", jobs.describe()),
+                    Err(why) => println!("jobs: unknown ({why})"),
+                }
                 println!("{}", set.status_line());
             }
             Ok(exit(set.ready()))
         }
     }
+}
+
+/// What runs on the node, for `check`; why not known otherwise (`--root`, no API).
+async fn current_jobs(cx: &Context) -> Result<crate::jobs::Jobs, String> {
+    if !cx.root.is_host() {
+        return Err("not asked with --root".into());
+    }
+    let api =
+        crate::podman_api::Client::new(steps::podman_socket::socket_path(cx), cx.settings.podman.api_timeout)
+            .with_expected_peer(cx.user.uid);
+    crate::jobs::running(&api).await.map_err(|e| journal::detail(&e))
 }
 
 fn exit(ok: bool) -> ExitCode {
@@ -210,6 +230,40 @@ async fn wait_ready(settings: &Settings, address: Option<String>, timeout: Durat
         )
         .await;
     }
+}
+
+/// `drain --wait`: asks the agent what runs every 2 s until nothing does (exit 0) or the
+/// timeout, when it names what still runs (exit 1). An agent that cannot tell is not an idle
+/// node: containers outlive their API service.
+async fn wait_for_no_job(socket: &std::path::Path, timeout: Duration) -> Result<ExitCode> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut last = String::new();
+    loop {
+        let seen = match control::client(socket, http_client::Method::GET, "/jobs", None).await {
+            Ok(answer) if answer["running"] == false => {
+                println!("no job runs (waited {})", humantime::format_duration(seconds(started.elapsed())));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(answer) => answer["summary"].as_str().unwrap_or("jobs run").to_string(),
+            Err(e) => format!("unknown: {}", journal::detail(&e)),
+        };
+        if seen != last {
+            println!("waiting: {seen}");
+            last = seen;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("still running after {}: {last}", humantime::format_duration(timeout));
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now())))
+            .await;
+    }
+}
+
+/// Whole seconds, for messages.
+fn seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// Errors for unusable arguments that clap cannot see.

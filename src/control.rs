@@ -28,6 +28,8 @@ pub struct ControlState {
     pub wake: Arc<Notify>,
     /// Who is asking, for the record: the socket or the token.
     pub by: &'static str,
+    /// Lists the runner user's containers for `GET /jobs` (None with `--root`).
+    pub jobs_api: Option<crate::podman_api::Client>,
 }
 
 #[derive(Deserialize)]
@@ -41,6 +43,7 @@ pub fn router(state: ControlState) -> Router {
     Router::new()
         .route("/drain", get(show).post(start_drain))
         .route("/undrain", post(end_drain))
+        .route("/jobs", get(jobs))
         .with_state(state)
 }
 
@@ -85,6 +88,26 @@ async fn start_drain(State(state): State<ControlState>, Json(request): Json<Drai
     tracing::warn!(message_id = journal::NODE_CHANGED, reason, by = state.by, "drained: {reason}");
     state.wake.notify_one();
     Ok(Json(serde_json::json!({ "drained": true, "drain": record })))
+}
+
+/// What runs now, asked of the engine at once (`drain --wait` polls it). 503 when the engine
+/// cannot be asked: containers outlive their API service, so "unknown" is never "idle".
+async fn jobs(State(state): State<ControlState>) -> Answer {
+    let Some(api) = &state.jobs_api else {
+        return Err(AppError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "no Podman API here".into(),
+        });
+    };
+    match crate::jobs::running(api).await {
+        Ok(jobs) => {
+            Ok(Json(serde_json::json!({ "running": jobs.any(), "summary": jobs.describe(), "jobs": jobs })))
+        }
+        Err(e) => Err(AppError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("cannot list the runner user's containers: {}", journal::detail(&e)),
+        }),
+    }
 }
 
 async fn end_drain(State(state): State<ControlState>) -> Answer {
@@ -227,12 +250,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn jobs_are_asked_of_the_engine_at_once_and_unknown_is_not_idle() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let api_socket = dir.path().join("podman.sock");
+        let running = Arc::new(std::sync::Mutex::new(serde_json::json!([
+            {"Id": "a", "Labels": {"com.gitlab.gitlab-runner.job.id": "42"}},
+            {"Id": "b", "Labels": {"io.executor-agent.canary": "1-2"}},
+        ])));
+        let listed = running.clone();
+        let fake = Router::new().route(
+            "/containers/json",
+            get(move || {
+                let listed = listed.clone();
+                async move { Json(listed.lock().unwrap().clone()) }
+            }),
+        );
+        let listener = tokio::net::UnixListener::bind(&api_socket).unwrap();
+        tokio::spawn(async move { axum::serve(listener, fake).await.unwrap() });
+        let state = |api: Option<crate::podman_api::Client>| ControlState {
+            root: Root::new(dir.path()),
+            wake: Arc::new(Notify::new()),
+            by: "test",
+            jobs_api: api,
+        };
+        let ask = |app: Router| async move {
+            let response = app
+                .oneshot(axum::http::Request::get("/jobs").body(axum::body::Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        let api = crate::podman_api::Client::new(&api_socket, std::time::Duration::from_secs(2));
+        let app = router(state(Some(api)));
+
+        let (status, body) = ask(app.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (doc["running"].clone(), doc["summary"].clone()),
+            (true.into(), "GitLab job 42 (1 container)".into())
+        );
+
+        running.lock().unwrap().as_array_mut().unwrap().remove(0);
+        let doc: serde_json::Value = serde_json::from_str(&ask(app).await.1).unwrap();
+        assert_eq!(doc["running"], false, "only the canary's container is left");
+
+        let gone = crate::podman_api::Client::new(
+            dir.path().join("nothing.sock"),
+            std::time::Duration::from_secs(2),
+        );
+        let (status, body) = ask(router(state(Some(gone)))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("cannot list the runner user's containers"), "{body}");
+    }
+
+    #[tokio::test]
     async fn drain_and_undrain_over_the_socket() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::new(dir.path().join("root"));
         let socket = dir.path().join("run/control.sock");
         let wake = Arc::new(Notify::new());
-        let state = ControlState { root: root.clone(), wake: wake.clone(), by: "test" };
+        let state = ControlState { root: root.clone(), wake: wake.clone(), by: "test", jobs_api: None };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn({
             let socket = socket.clone();
@@ -287,6 +368,7 @@ mod tests {
             root: Root::new(dir.path()),
             wake: Arc::new(Notify::new()),
             by: "token over HTTP",
+            jobs_api: None,
         };
         let app = token_router("t".repeat(40), state);
         let request = |auth: Option<String>| {

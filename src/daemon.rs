@@ -107,6 +107,8 @@ struct Reporter {
     metrics: Arc<Metrics>,
     started: Instant,
     was_ever_ready: bool,
+    /// What runs on the node as of the latest pass; `None` while the API cannot be asked.
+    jobs: Option<crate::jobs::Jobs>,
 }
 
 impl Reporter {
@@ -164,9 +166,25 @@ impl Reporter {
         self.publish(vec![crate::canary::observation(report)]);
     }
 
+    /// Records what runs on the node; tells probes and metrics when it changed.
+    fn jobs_seen(&mut self, jobs: Option<crate::jobs::Jobs>) {
+        if jobs == self.jobs {
+            return;
+        }
+        tracing::debug!("jobs: {}", jobs.as_ref().map_or("unknown".into(), |j| j.describe()));
+        self.metrics.jobs(jobs.as_ref());
+        self.jobs = jobs;
+        self.republish();
+    }
+
     /// Gives probes the latest results (bodies serialised here, once).
     fn republish(&self) {
-        self.snapshot.send_replace(Snapshot::new(self.checks.clone(), self.instance.clone(), &self.runner));
+        self.snapshot.send_replace(Snapshot::with_jobs(
+            self.checks.clone(),
+            self.instance.clone(),
+            self.jobs.clone(),
+            &self.runner,
+        ));
     }
 
     /// Tells probes the loop is alive; re-serialises only when Afterburn's attributes changed.
@@ -247,6 +265,8 @@ struct Events {
     canary_rounds: Option<watch::Receiver<crate::canary::Latest>>,
     user_watch: UserWatch,
     user_units: Vec<String>,
+    /// Lists the runner user's containers after each pass (on the live node only).
+    jobs_api: Option<crate::podman_api::Client>,
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
 }
@@ -290,7 +310,7 @@ async fn start(
         let by = "a bearer token over HTTP";
         app = app.merge(control::token_router(
             token,
-            ControlState { root: cx.root.clone(), wake: wake.clone(), by },
+            ControlState { root: cx.root.clone(), wake: wake.clone(), by, jobs_api: jobs_api(cx) },
         ));
     }
     let (stop_servers, servers_stopped) = watch::channel(false);
@@ -300,8 +320,12 @@ async fn start(
     let server =
         tokio::spawn(http::serve(listener, app, http::Limits::default(), stopped(servers_stopped.clone())));
     if cx.root.is_host() {
-        let state =
-            ControlState { root: cx.root.clone(), wake: wake.clone(), by: "root over the control socket" };
+        let state = ControlState {
+            root: cx.root.clone(),
+            wake: wake.clone(),
+            by: "root over the control socket",
+            jobs_api: jobs_api(cx),
+        };
         let socket = cx.settings.control.socket.clone();
         let stop = stopped(servers_stopped.clone());
         tokio::spawn(async move {
@@ -349,6 +373,7 @@ async fn start(
         metrics,
         started,
         was_ever_ready: false,
+        jobs: None,
     };
     let events = Events {
         wake,
@@ -359,10 +384,19 @@ async fn start(
         canary_rounds,
         user_watch: UserWatch::default(),
         user_units,
+        jobs_api: jobs_api(cx),
         sigterm,
         sigint,
     };
     Ok((reporter, events, Servers { http: server, stop: stop_servers, canary_task }))
+}
+
+/// The runner user's Podman API, to list what runs (on the live node only).
+fn jobs_api(cx: &Context) -> Option<crate::podman_api::Client> {
+    cx.root.is_host().then(|| {
+        crate::podman_api::Client::new(steps::podman_socket::socket_path(cx), cx.settings.podman.api_timeout)
+            .with_expected_peer(cx.user.uid)
+    })
 }
 
 /// Whether to send READY=1 now. After the first pass, and once the first canary round has
@@ -443,6 +477,14 @@ async fn main_loop(
                     reporter.status_line
                 );
                 first_pass_done = Some(Instant::now());
+            }
+            if let Some(api) = &ev.jobs_api {
+                let api_ok = reporter
+                    .checks
+                    .checks()
+                    .iter()
+                    .any(|c| c.name == steps::podman_socket::API_CHECK && c.ok);
+                reporter.jobs_seen(if api_ok { crate::jobs::running(api).await.ok() } else { None });
             }
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
             // Afterburn may write its metadata after the agent started.

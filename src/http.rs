@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub heartbeat: Instant,
     /// Afterburn's instance attributes (`aws_instance_id`, ...), empty off-cloud.
     pub instance: BTreeMap<String, String>,
+    /// What runs on the node as of the latest pass; `None` while the API cannot be asked.
+    pub jobs: Option<crate::jobs::Jobs>,
     /// The probe bodies, serialised once here rather than once per request: a fleet's load
     /// balancers and managers ask many times between two changes.
     bodies: Arc<Bodies>,
@@ -48,6 +50,15 @@ struct Bodies {
 
 impl Snapshot {
     pub fn new(checks: CheckSet, instance: BTreeMap<String, String>, runner: &Runner) -> Self {
+        Self::with_jobs(checks, instance, None, runner)
+    }
+
+    pub fn with_jobs(
+        checks: CheckSet,
+        instance: BTreeMap<String, String>,
+        jobs: Option<crate::jobs::Jobs>,
+        runner: &Runner,
+    ) -> Self {
         let ready = checks.ready();
         let status = checks.status_line();
         let readyz = serde_json::to_vec(&Readiness { ready, status: &status, checks: checks.checks() });
@@ -60,6 +71,7 @@ impl Snapshot {
             socket: &runner.socket,
             docker_host: format!("unix://{}", runner.socket),
             instance: &instance,
+            jobs: jobs.as_ref(),
             checks: checks.checks(),
         });
         // The types above always serialise; a failure would be a bug worth a loud body.
@@ -67,7 +79,7 @@ impl Snapshot {
             Bytes::from(r.unwrap_or_else(|e| format!("{{\"error\":\"serialising: {e}\"}}").into_bytes()))
         };
         let bodies = Bodies { ready, readyz: bytes(readyz), status_rest: bytes(status_rest) };
-        Snapshot { checks, heartbeat: Instant::now(), instance, bodies: Arc::new(bodies) }
+        Snapshot { checks, heartbeat: Instant::now(), instance, jobs, bodies: Arc::new(bodies) }
     }
 }
 
@@ -113,6 +125,9 @@ struct Status<'a> {
     docker_host: String,
     /// Afterburn's attributes of this instance, so a manager can match probe and instance.
     instance: &'a BTreeMap<String, String>,
+    /// Running containers that are not the agent's, and their GitLab jobs; null while the
+    /// API cannot be asked.
+    jobs: Option<&'a crate::jobs::Jobs>,
     checks: &'a [Check],
 }
 
@@ -266,6 +281,7 @@ mod tests {
             "socket",
             "docker_host",
             "instance",
+            "jobs",
             "checks",
         ];
         let mut got = keys.clone();
@@ -274,6 +290,7 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(body["uptime_seconds"], 0);
         assert_eq!(body["checks"].as_array().unwrap().len(), 6);
+        assert!(body["jobs"].is_null(), "not known until a pass could ask the API");
 
         let bodies = Bodies { ready: false, readyz: Bytes::new(), status_rest: Bytes::from_static(b"{}") };
         assert_eq!(bodies.status(7), b"{\"uptime_seconds\":7}");

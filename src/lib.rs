@@ -14,6 +14,7 @@ pub mod http;
 pub mod http_client;
 pub mod identity;
 pub mod idmap;
+pub mod jobs;
 pub mod journal;
 pub mod listen;
 pub mod message_ids;

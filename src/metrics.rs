@@ -54,6 +54,8 @@ pub struct Metrics {
     canary_failures: Family<StageLabels, Counter>,
     canary_stage_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
     canary_round_seconds: Histogram,
+    job_containers: Gauge,
+    jobs_known: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,6 +114,18 @@ impl Metrics {
             "Wall time of job canary rounds, cleanup included",
             canary_round_seconds.clone(),
         );
+        let job_containers = Gauge::default();
+        registry.register(
+            "job_containers",
+            "Running containers of the runner user that are not the agent's (0 while unknown)",
+            job_containers.clone(),
+        );
+        let jobs_known = Gauge::default();
+        registry.register(
+            "jobs_known",
+            "1 when the agent could list the runner user's containers at its latest pass",
+            jobs_known.clone(),
+        );
         Metrics {
             registry,
             check_ok,
@@ -124,7 +138,15 @@ impl Metrics {
             canary_failures,
             canary_stage_seconds,
             canary_round_seconds,
+            job_containers,
+            jobs_known,
         }
+    }
+
+    /// What runs on the node, as of the latest pass (`None`: the API could not be asked).
+    pub fn jobs(&self, jobs: Option<&crate::jobs::Jobs>) {
+        self.jobs_known.set(i64::from(jobs.is_some()));
+        self.job_containers.set(jobs.map_or(0, |j| j.containers as i64));
     }
 
     /// Updates the gauges from the latest checks and counts drift from their transitions.
@@ -216,9 +238,26 @@ mod tests {
             "executor_agent_canary_stage_duration_seconds{stage=\"network\"} 0.25",
             "executor_agent_canary_round_duration_seconds_count 1",
             "executor_agent_build_info{version=\"",
+            "executor_agent_job_containers 0",
+            "executor_agent_jobs_known 0",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let jobs = crate::jobs::Jobs { containers: 3, gitlab_jobs: vec![42], unlabelled: 1 };
+        m.jobs(Some(&jobs));
+        let text = m.render();
+        assert!(
+            text.contains("executor_agent_job_containers 3") && text.contains("executor_agent_jobs_known 1")
+        );
+    }
+
+    #[test]
+    fn every_metric_is_in_the_operators_table() {
+        let docs = include_str!("../docs/metrics.md");
+        let text = Metrics::new().render();
+        for name in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()) {
+            assert!(docs.contains(&format!("`{name}")), "{name} is not in docs/metrics.md");
         }
     }
 }

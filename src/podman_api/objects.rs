@@ -50,6 +50,9 @@ pub struct ContainerSummary {
     /// Unix seconds.
     #[serde(rename = "Created", default)]
     pub created: i64,
+    /// `null` in the Docker API when a container has none.
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The ID without its `sha256:` prefix, so IDs from different fields compare equal.
@@ -108,6 +111,11 @@ impl Client {
             path.push_str(&format!("&filters={}", query_value(&filters)));
         }
         self.call_json(Method::GET, &path, None).await
+    }
+
+    /// The running containers (`all=false`), with their labels.
+    pub async fn list_running_containers(&self) -> Result<Vec<ContainerSummary>> {
+        self.call_json(Method::GET, "/containers/json?all=false", None).await
     }
 
     /// Removes an image by ID without force: the engine refuses (409) an image that a

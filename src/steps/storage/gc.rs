@@ -139,7 +139,13 @@ mod tests {
     }
 
     fn container(image_id: &str, image: &str) -> ContainerSummary {
-        ContainerSummary { id: "c".into(), image_id: image_id.into(), image: image.into(), created: 0 }
+        ContainerSummary {
+            id: "c".into(),
+            image_id: image_id.into(),
+            image: image.into(),
+            created: 0,
+            labels: None,
+        }
     }
 
     fn ids(images: &[ImageSummary]) -> Vec<&str> {
