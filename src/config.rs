@@ -48,6 +48,7 @@ pub struct Settings {
     pub podman_config: PodmanConfig,
     pub control: Control,
     pub runner_privileges: RunnerPrivileges,
+    pub spot: Spot,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -268,6 +269,45 @@ impl Default for PodmanConfig {
             keep_api_service: true,
         }
     }
+}
+
+/// EC2 Spot interruptions: watched only on AWS (Afterburn's `AWS_INSTANCE_ID` present).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Spot {
+    /// Watch IMDSv2 and drain on an interruption notice.
+    pub enabled: bool,
+    /// Drain on a rebalance recommendation too (an elevated risk of interruption), which
+    /// usually comes minutes before the two-minute interruption notice.
+    pub drain_on_rebalance: bool,
+    /// How often IMDS is asked (two requests a round; failures back off up to a minute).
+    #[serde(serialize_with = "duration::serialize", deserialize_with = "at_least_a_second")]
+    pub poll_interval: Duration,
+    /// The instance metadata service (link-local on EC2).
+    pub imds_address: SocketAddr,
+}
+
+impl Default for Spot {
+    fn default() -> Self {
+        Spot {
+            enabled: true,
+            drain_on_rebalance: true,
+            poll_interval: Duration::from_secs(5),
+            imds_address: SocketAddr::from(([169, 254, 169, 254], 80)),
+        }
+    }
+}
+
+/// A poll interval: a second or more, so IMDS is never hammered.
+fn at_least_a_second<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let interval = duration::deserialize(d)?;
+    if interval < Duration::from_secs(1) {
+        return Err(D::Error::custom(format!(
+            "{} is too short: at least 1s",
+            humantime::format_duration(interval)
+        )));
+    }
+    Ok(interval)
 }
 
 /// The runner user's paths to root (the `runner-privileges` check).
@@ -731,6 +771,8 @@ mod tests {
                 2,
             ),
             ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
+            ("[spot]\npoll_interval = \"100ms\"\n", "spot.poll_interval", 2),
+            ("[spot]\nimds_address = \"imds\"\n", "spot.imds_address", 2),
             ("[runner_privileges]\nmask_docker = \"yes\"\n", "runner_privileges.mask_docker", 2),
             ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
             ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),

@@ -267,6 +267,8 @@ struct Events {
     user_units: Vec<String>,
     /// Lists the runner user's containers after each pass (on the live node only).
     jobs_api: Option<crate::podman_api::Client>,
+    /// The EC2 Spot watcher, once Afterburn's attributes say this is EC2.
+    spot_watch: Option<tokio::task::JoinHandle<()>>,
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
 }
@@ -385,6 +387,7 @@ async fn start(
         user_watch: UserWatch::default(),
         user_units,
         jobs_api: jobs_api(cx),
+        spot_watch: None,
         sigterm,
         sigint,
     };
@@ -489,6 +492,21 @@ async fn main_loop(
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
             // Afterburn may write its metadata after the agent started.
             reporter.instance = identity::read(&cx.root);
+            if ev.spot_watch.is_none() && cx.settings.spot.enabled && crate::spot::on_aws(&reporter.instance)
+            {
+                tracing::info!(
+                    message_id = journal::AGENT_LIFECYCLE,
+                    "on EC2: watching IMDS at {} every {} for Spot interruption notices{}",
+                    cx.settings.spot.imds_address,
+                    humantime::format_duration(cx.settings.spot.poll_interval),
+                    if cx.settings.spot.drain_on_rebalance { " and rebalance recommendations" } else { "" }
+                );
+                ev.spot_watch = Some(tokio::spawn(crate::spot::watch(
+                    cx.settings.spot.clone(),
+                    cx.root.clone(),
+                    ev.wake.clone(),
+                )));
+            }
             ev.files.arm(&watched_dirs(cx));
             ev.containers_conf.arm(&ev.containers_dirs);
             if cx.root.is_host() {

@@ -59,6 +59,22 @@ pub async fn request_with_body<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    request_with_headers(stream, host, method, path, &[], body, max_body).await
+}
+
+/// [`request_with_body`] with extra request headers (IMDSv2's token, for one).
+pub async fn request_with_headers<S>(
+    stream: S,
+    host: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<RequestBody>,
+    max_body: usize,
+) -> Result<(u16, Bytes)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     let driver = tokio::spawn(conn);
@@ -67,6 +83,9 @@ where
         .uri(path)
         .header(hyper::header::HOST, host)
         .header(hyper::header::USER_AGENT, concat!("executor-agent/", env!("CARGO_PKG_VERSION")));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
     let body = match body {
         Some(body) => {
             builder = builder.header(hyper::header::CONTENT_TYPE, body.content_type);

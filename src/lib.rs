@@ -25,6 +25,7 @@ pub mod podman_api;
 pub mod podman_conf;
 pub mod runner_user;
 pub mod serve;
+pub mod spot;
 pub mod steps;
 pub mod subid;
 pub mod systemd;
