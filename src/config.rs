@@ -49,6 +49,7 @@ pub struct Settings {
     pub control: Control,
     pub runner_privileges: RunnerPrivileges,
     pub spot: Spot,
+    pub fleet_lock: FleetLock,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,6 +297,30 @@ impl Default for Spot {
             imds_address: SocketAddr::from(([169, 254, 169, 254], 80)),
         }
     }
+}
+
+/// zincati's FleetLock protocol, served for this node's own zincati.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetLock {
+    pub enabled: bool,
+    /// A loopback address: only this node's zincati (as root) may take the lock.
+    #[serde(deserialize_with = "loopback")]
+    pub listen: SocketAddr,
+}
+
+impl Default for FleetLock {
+    fn default() -> Self {
+        FleetLock { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 9740)) }
+    }
+}
+
+fn loopback<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let addr = SocketAddr::deserialize(d)?;
+    if !addr.ip().is_loopback() {
+        return Err(D::Error::custom(format!("{addr} is not a loopback address (127.0.0.1 or ::1)")));
+    }
+    Ok(addr)
 }
 
 /// A poll interval: a second or more, so IMDS is never hammered.
@@ -773,6 +798,7 @@ mod tests {
             ("[cgroups]\nfix_delegation = 1\n", "cgroups.fix_delegation", 2),
             ("[spot]\npoll_interval = \"100ms\"\n", "spot.poll_interval", 2),
             ("[spot]\nimds_address = \"imds\"\n", "spot.imds_address", 2),
+            ("[fleet_lock]\nlisten = \"0.0.0.0:9740\"\n", "fleet_lock.listen", 2),
             ("[runner_privileges]\nmask_docker = \"yes\"\n", "runner_privileges.mask_docker", 2),
             ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
             ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),

@@ -337,6 +337,32 @@ async fn start(
         });
     }
 
+    if cx.root.is_host() && cx.settings.fleet_lock.enabled {
+        let listen = cx.settings.fleet_lock.listen;
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => {
+                let state = crate::fleet_lock::LockState {
+                    root: cx.root.clone(),
+                    wake: wake.clone(),
+                    jobs_api: jobs_api(cx),
+                    local: listener.local_addr().unwrap_or(listen),
+                    busy: Arc::default(),
+                };
+                let app = crate::fleet_lock::router(state);
+                tokio::spawn(http::serve(
+                    listener,
+                    app,
+                    http::Limits::default(),
+                    stopped(servers_stopped.clone()),
+                ));
+            }
+            // zincati then gets no lock and takes no reboot: safe, and said.
+            Err(e) => tracing::error!(
+                "error: FleetLock cannot listen on {listen} -> {e}; zincati will not get a reboot lock"
+            ),
+        }
+    }
+
     let files = FileWatcher::new().context("setting up inotify")?;
     files.arm(&watched_dirs(cx));
     tokio::spawn(files.clone().run(wake.clone()));

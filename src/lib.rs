@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod drain;
+pub mod fleet_lock;
 pub mod fsutil;
 pub mod http;
 pub mod http_client;
