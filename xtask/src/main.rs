@@ -1,26 +1,19 @@
 //! `cargo xtask`: the project's tasks around a real node (Ignition config, local node, end-to-end tests).
 
-mod bench;
-mod butane;
-mod cross;
-mod e2e;
-mod faults;
-mod fuzz;
-mod gojson;
-mod gzip;
-mod host;
-mod ignition;
+mod harness;
 /// The agent's journal MESSAGE_IDs, the agent's own file (xtask does not depend on the agent).
 #[path = "../../src/message_ids.rs"]
 #[allow(dead_code)] // xtask looks for some of them only
 mod message_ids;
-mod node;
-mod probe;
-mod tree;
-mod yaml;
+mod render;
+mod suites;
 
 use anyhow::{bail, Context, Result};
-use tree::Os;
+use harness::tree::{self, Os};
+use harness::{host, node};
+use render::ignition;
+use suites::runner::Tally;
+use suites::{bench, cross, e2e, faults, fuzz};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -125,30 +118,6 @@ fn take_os<'a>(args: &[&'a str], default: &[Os]) -> Result<(Vec<Os>, Vec<&'a str
         }
     }
     Ok((oses.unwrap_or_else(|| default.to_vec()), rest))
-}
-
-/// Passed and failed scenarios or cases, summed over suites and OSes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Tally {
-    pub passed: usize,
-    pub failed: usize,
-}
-
-impl Tally {
-    pub fn add(&mut self, other: Tally) {
-        self.passed += other.passed;
-        self.failed += other.failed;
-    }
-
-    /// Prints the closing `N passed, N failed` line (the one CI parses, so nothing else prints
-    /// it) and fails when something failed.
-    pub fn close(self, what: &str) -> Result<()> {
-        println!("{} passed, {} failed", self.passed, self.failed);
-        if self.failed > 0 {
-            bail!("{} {what} failed", self.failed);
-        }
-        Ok(())
-    }
 }
 
 /// `cargo xtask test`: what `.ci/run` runs. The node trees of both OSes are built (or found in

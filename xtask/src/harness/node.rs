@@ -2,9 +2,9 @@
 //! systemd-nspawn; commands run inside as the node's own services; HTTP from the node's network
 //! namespace; poweroff with a kill on timeout; and the `cargo xtask node` commands.
 
-use crate::host;
-use crate::ignition::{self, Extras};
-use crate::tree::{self, Os};
+use crate::harness::host;
+use crate::harness::tree::{self, Os};
+use crate::render::ignition::{self, Extras};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read as _, Write as _};
 use std::os::unix::process::CommandExt as _;
@@ -468,9 +468,7 @@ impl Node {
 
     /// The last lines of the console log, for failures.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        file_tail(&self.log, lines)
     }
 
     fn log_tail_note(&self) -> String {
@@ -812,6 +810,13 @@ pub fn prepare(oses: &[Os]) -> Result<(PathBuf, Vec<(Os, PathBuf)>)> {
         let trees = trees.join().map_err(|_| anyhow!("building the node trees panicked"))?;
         Ok((agent?, trees?))
     })
+}
+
+/// The last `lines` lines of a file (a node's console log), or why it cannot be read.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read: {e})"));
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// A node name of a test run: `<kind>-<os>-<n>` (e.g. `e2e-trixie-3`), so that the nodes of

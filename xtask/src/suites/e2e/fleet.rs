@@ -2,13 +2,13 @@
 //! only by the Ignition config: drain, metrics, node identity, boot gating, storage GC, the
 //! runner user's Podman configuration, and the ID-mapping checks.
 //!
-//! A child module of `e2e` (declared there with `#[path = "e2e_fleet.rs"] mod fleet;`), so it
-//! shares the suite, the node helpers and the figures.
+//! A child module of `e2e` (suites/e2e/), so it shares the suite, the node helpers and the
+//! figures.
 
 use super::{Scenario, Suite, POLL};
+use crate::harness::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
+use crate::harness::tree;
 use crate::message_ids::NODE_CHANGED;
-use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
-use crate::tree;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ fn drain(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     node.run(&["executor-agent", "drain", "--reason", "scale-in"])?;
     let (_, json) = node.wait_readyz(false, WAIT, POLL)?;
-    s.record(NAME, "drain command to /readyz 503", t.elapsed());
+    s.ms(NAME, "drain command to /readyz 503", t.elapsed());
     let drain = check(&json, "drain")?;
     ensure!(drain["ok"] == false, "check drain passes while drained: {drain}");
     ensure!(json.to_string().contains("scale-in"), "/readyz does not give the reason: {json}");
@@ -71,7 +71,7 @@ fn drain(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     node.run(&["executor-agent", "undrain"])?;
     node.wait_readyz(true, WAIT, POLL)?;
-    s.record(NAME, "undrain command to /readyz 200", t.elapsed());
+    s.ms(NAME, "undrain command to /readyz 200", t.elapsed());
     let status = status_text(&mut node)?;
     ensure!(status.starts_with("ready"), "StatusText after undrain: {status:?}");
     Ok(())
@@ -113,8 +113,8 @@ fn metrics(s: &mut Suite) -> Result<()> {
     node.wait_readyz(false, WAIT, Duration::from_millis(10)).context("the drift was not seen")?;
     let detect = t.elapsed();
     node.wait_readyz(true, WAIT, POLL).context("the drift was not repaired")?;
-    s.record(NAME, "detect: socket stopped to /readyz 503", detect);
-    s.record(NAME, "repair: socket stopped to /readyz 200", t.elapsed());
+    s.ms(NAME, "detect: socket stopped to /readyz 503", detect);
+    s.ms(NAME, "repair: socket stopped to /readyz 200", t.elapsed());
     let body = get_ok(&mut node, "/metrics")?;
     let drift = drifts(&body);
     ensure!(
@@ -171,7 +171,7 @@ fn identity(s: &mut Suite) -> Result<()> {
         std::thread::sleep(POLL);
     }
     let how = if restarted { "after a restart" } else { "without a restart" };
-    s.record(NAME, &format!("afterburn file to /status ({how})"), t.elapsed());
+    s.ms(NAME, format!("afterburn file to /status ({how})"), t.elapsed());
     Ok(())
 }
 
@@ -188,7 +188,7 @@ fn boot_gate(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     let out = node.exec(&["systemctl", "start", "boot-complete.target"])?;
     ensure!(out.status.success(), "boot-complete.target failed on a ready node: {}", super::show(&out));
-    s.record(NAME, "start boot-complete.target on a ready node", t.elapsed());
+    s.ms(NAME, "start boot-complete.target on a ready node", t.elapsed());
     ensure!(is_active(&mut node, "boot-complete.target")?, "boot-complete.target is not active");
     // A drained node does not, with the gate's timeout shortened to 3 s.
     let dir = node.path(&format!("/etc/systemd/system/{GATE}.d"));
@@ -207,7 +207,7 @@ fn boot_gate(s: &mut Suite) -> Result<()> {
     ensure!(!out.status.success(), "boot-complete.target was reached on a drained node");
     ensure!(!is_active(&mut node, "boot-complete.target")?, "boot-complete.target is active while drained");
     ensure!(took >= Duration::from_secs(2), "the gate failed after only {took:?}, not after its 3 s timeout");
-    s.record(NAME, "start boot-complete.target on a drained node fails", took);
+    s.ms(NAME, "start boot-complete.target on a drained node fails", took);
     let log = node.run(&["journalctl", "--no-pager", "-u", GATE, "-n", "20"])?;
     ensure!(log.contains("drain"), "the gate's journal does not say why:\n{log}");
     Ok(())
@@ -240,7 +240,7 @@ fn storage_gc(s: &mut Suite) -> Result<()> {
         ensure!(t.elapsed() < WAIT, "the unused image was not removed within {WAIT:?}");
         std::thread::sleep(POLL);
     }
-    s.record(NAME, "restart to the unused image removed", t.elapsed());
+    s.ms(NAME, "restart to the unused image removed", t.elapsed());
     let out = node.as_core("podman image exists localhost/busybox")?;
     ensure!(out.status.success(), "the image of container `keep` was removed");
     node.run_as_core("podman container exists keep")?;
@@ -281,7 +281,7 @@ fn podman_config(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     node.run(&["systemctl", "restart", "executor-agent"])?;
     let c = wait_check(&mut node, "podman-config", |c| c["ok"] == false && c["detail"] != "not checked yet")?;
-    s.record(NAME, "restart to podman-config failing (missing helper)", t.elapsed());
+    s.ms(NAME, "restart to podman-config failing (missing helper)", t.elapsed());
     let detail = c["detail"].as_str().unwrap_or_default();
     ensure!(detail.contains("docker-credential-ecr-login"), "the detail does not name the helper: {detail}");
     eprintln!("    podman-config: {detail}");
@@ -313,7 +313,7 @@ fn podman_config(s: &mut Suite) -> Result<()> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     let t = Instant::now();
     let (_, json) = node.wait_readyz(true, WAIT, POLL)?;
-    s.record(NAME, "helper installed to /readyz 200", t.elapsed());
+    s.ms(NAME, "helper installed to /readyz 200", t.elapsed());
     ensure!(check(&json, "podman-config")?["ok"] == true, "podman-config still fails: {json}");
     Ok(())
 }
@@ -337,7 +337,7 @@ fn id_mapping(s: &mut Suite) -> Result<()> {
     let detect = t.elapsed();
     node.run(&["chmod", "u+s", "/usr/bin/newuidmap"])?;
     result?;
-    s.record(NAME, "newuidmap u-s to /readyz 503", detect);
+    s.ms(NAME, "newuidmap u-s to /readyz 503", detect);
     node.wait_readyz(true, WAIT, POLL)?;
     // A stale mapping: the pause process keeps the old range after the files change.
     node.run_as_core("podman unshare true")?;
@@ -358,10 +358,10 @@ fn id_mapping(s: &mut Suite) -> Result<()> {
         ensure!(Instant::now() < deadline, "the pause process still maps the old range");
         std::thread::sleep(POLL);
     };
-    s.record(NAME, "subuid range changed to new mapping in place", t.elapsed());
+    s.ms(NAME, "subuid range changed to new mapping in place", t.elapsed());
     eprintln!("    uid_map now: {}", uid_map.trim().replace('\n', " | "));
     let (_, json) = node.wait_readyz(true, WAIT, POLL)?;
-    s.record(NAME, "subuid range changed to /readyz 200", t.elapsed());
+    s.ms(NAME, "subuid range changed to /readyz 200", t.elapsed());
     ensure!(check(&json, "subuid-mapping")?["ok"] == true, "subuid-mapping fails: {json}");
     let log = node.run(&["journalctl", "--no-pager", "-o", "cat", "SYSLOG_IDENTIFIER=executor-agent"])?;
     ensure!(log.contains("migrate"), "the agent's journal does not mention migrate");

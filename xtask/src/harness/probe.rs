@@ -1,9 +1,11 @@
-//! The prober of the node suites: polls a path of the agent (`/readyz`, `/healthz`) from a thread
-//! in the node's network namespace and keeps every answer's time, status and latency, and each
-//! change of status or failing checks with its text.
+//! The prober of the node suites and the bench: polls a path of the agent (`/readyz`, `/healthz`)
+//! from a thread in the node's network namespace and keeps every answer's time, status and
+//! latency, each change of status or failing checks with its text, and each change between 200,
+//! 503 and no answer with the host CLOCK_MONOTONIC time the answer arrived (comparable with the
+//! journal's `__MONOTONIC_TIMESTAMP`).
 
-use crate::node::{self, Node, AGENT_PORT};
-use anyhow::{ensure, Result};
+use crate::harness::node::{self, Node, AGENT_PORT};
+use anyhow::{bail, ensure, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,11 +17,27 @@ struct Sample {
     latency: Duration,
 }
 
+/// A change between 200 (`Some(true)`), 503 (`Some(false)`) and no or another answer (`None`),
+/// stamped with the host CLOCK_MONOTONIC in µs when the answer arrived.
+pub type Change = (u64, Option<bool>);
+
 #[derive(Default)]
 struct ProbeData {
     samples: Vec<Sample>,
     /// Changes of (status, failing checks), with the text.
     changes: Vec<(Instant, Option<u16>, String)>,
+    /// Changes of the 200/503/no answer state, monotonic at answer time.
+    states: Vec<Change>,
+}
+
+/// When the prober asks again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// `interval` after each answer (the suites).
+    AfterAnswer,
+    /// Every `interval` on a fixed schedule, whatever the answers take (the bench), catching up
+    /// without a burst when one ran late.
+    FixedRate,
 }
 
 /// Polls a path of the agent from a thread in the node's network namespace.
@@ -39,9 +57,13 @@ pub struct History {
 }
 
 impl Prober {
-    /// Starts polling `path` every `interval` (the pause after each answer).
+    /// Starts polling `path` of the node's agent, pausing `interval` after each answer.
     pub fn start(node: &mut Node, path: &str, interval: Duration) -> Result<Prober> {
-        let leader = node.leader()?;
+        Ok(Prober::start_in(node.leader()?, path, interval, Pace::AfterAnswer))
+    }
+
+    /// Starts polling `path` of the agent in the network namespace of `leader`, paced by `pace`.
+    pub fn start_in(leader: i32, path: &str, interval: Duration, pace: Pace) -> Prober {
         let stop = Arc::new(AtomicBool::new(false));
         let data = Arc::new(Mutex::new(ProbeData::default()));
         let (stop2, data2, path) = (stop.clone(), data.clone(), path.to_string());
@@ -50,26 +72,48 @@ impl Prober {
                 return;
             }
             let mut last: Option<(Option<u16>, String)> = None;
+            let mut next = Instant::now();
             while !stop2.load(Ordering::Relaxed) {
                 let at = Instant::now();
                 let answer = node::get_local(AGENT_PORT, &path);
                 let latency = at.elapsed();
+                // The answer's time: when it arrived.
+                let answered_us = node::monotonic_us();
                 let (code, text) = match answer {
                     Ok((200, _)) => (Some(200), String::new()),
                     Ok((code, body)) => (Some(code), failing_text(&body)),
                     Err(e) => (None, format!("{e:#}")),
                 };
+                let state = match code {
+                    Some(200) => Some(true),
+                    Some(503) => Some(false),
+                    _ => None,
+                };
                 let mut d = data2.lock().unwrap();
                 d.samples.push(Sample { at, code, latency });
+                if d.states.last().map(|c| c.1) != Some(state) {
+                    d.states.push((answered_us, state));
+                }
                 if last.as_ref() != Some(&(code, text.clone())) {
                     d.changes.push((at, code, text.clone()));
                     last = Some((code, text));
                 }
                 drop(d);
-                std::thread::sleep(interval);
+                match pace {
+                    Pace::AfterAnswer => std::thread::sleep(interval),
+                    Pace::FixedRate => {
+                        next += interval;
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        } else {
+                            next = now;
+                        }
+                    }
+                }
             }
         });
-        Ok(Prober { stop, data, handle: Some(handle) })
+        Prober { stop, data, handle: Some(handle) }
     }
 
     /// When the first answer at or after `after` was 200 (`want`) or another status (`!want`);
@@ -103,6 +147,49 @@ impl Prober {
     /// The first answer after `after` that was not 200.
     pub fn first_not_ok(&self, after: Instant) -> Option<Instant> {
         self.data.lock().unwrap().samples.iter().find(|s| s.at >= after && s.code != Some(200)).map(|s| s.at)
+    }
+
+    /// The first time (monotonic µs) at or after `after_us` the state became 200 (`want`) or 503.
+    pub fn first_us(&self, after_us: u64, want: bool) -> Option<u64> {
+        let d = self.data.lock().unwrap();
+        d.states.iter().find(|(at, s)| *at >= after_us && *s == Some(want)).map(|c| c.0)
+    }
+
+    /// The latest state and since when (monotonic µs).
+    pub fn current(&self) -> Option<Change> {
+        self.data.lock().unwrap().states.last().copied()
+    }
+
+    /// Waits for the first change to 200 (`want`) or 503 at or after `after_us` (monotonic µs).
+    pub fn wait_us(&self, after_us: u64, want: bool, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.first_us(after_us, want) {
+                return Some(at);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the state has been 200 (`want`) or 503 for `stable` without a change.
+    pub fn wait_stable(&self, want: bool, stable: Duration, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((since, state)) = self.current() {
+                if state == Some(want)
+                    && node::monotonic_us().saturating_sub(since) >= stable.as_micros() as u64
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("/readyz was not steadily {} within {timeout:?}", if want { 200 } else { 503 });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Every answer's latency so far.

@@ -4,8 +4,8 @@
 //! with `compression: gzip`), uncompressed ones get `compression: ""`, fields are written in the
 //! Ignition Go structs' order and empty ones are left out.
 
-use crate::gojson::Json;
-use crate::yaml::{self, Node};
+use crate::render::gojson::Json;
+use crate::render::yaml::{self, Node};
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use std::path::{Component, Path};
@@ -293,7 +293,7 @@ fn read_local(local: &str, files_dir: Option<&Path>) -> Result<Vec<u8>> {
     if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
         bail!("`local: {local}` is outside the files directory");
     }
-    crate::host::read(dir.join(rel))
+    crate::harness::host::read(dir.join(rel))
 }
 
 /// Butane's `MakeDataURL`: the shortest of a URL-escaped, a base64 and (when the config sets no
@@ -321,7 +321,7 @@ pub fn make_data_url(contents: &[u8], current_compression: Option<&str>) -> (Str
     let mut best_len = escaped_len.min(b64_len);
     let mut gzipped = None;
     if unset {
-        let gz = crate::gzip::compress(contents);
+        let gz = crate::render::gzip::compress(contents);
         let gz_len = ";base64,".len() + gz.len().div_ceil(3) * 4;
         if gz_len + "gzip".len() < best_len {
             best_len = gz_len;

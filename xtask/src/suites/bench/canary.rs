@@ -4,7 +4,7 @@
 
 use super::procfs;
 use super::Json;
-use crate::node::{Node, AGENT_PORT};
+use crate::harness::node::{Node, AGENT_PORT};
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
 

@@ -2,14 +2,14 @@
 //! Ignition config: ready only after a round passed, breakages that `GET /_ping` cannot see
 //! (each reported by stage and recovered from by itself), and cleanup after a killed agent.
 //!
-//! A child module of `e2e` (declared there with `#[path]`), sharing its suite and helpers.
+//! A child module of `e2e` (suites/e2e/), sharing its suite and helpers.
 
 use super::fleet::{check, get_ok};
 use super::{Scenario, Suite, POLL};
-use crate::ignition::Extras;
+use crate::harness::node::Node;
+use crate::harness::tree::Os;
 use crate::message_ids::CANARY_FAILED;
-use crate::node::Node;
-use crate::tree::Os;
+use crate::render::ignition::Extras;
 use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ fn ready_after_a_round(s: &mut Suite) -> Result<()> {
     if let Some(secs) =
         detail.split(" in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|t| t.parse::<f64>().ok())
     {
-        s.record(NAME, "first canary round (image import included)", Duration::from_secs_f64(secs));
+        s.ms(NAME, "first canary round (image import included)", Duration::from_secs_f64(secs));
     }
     // READY=1 came after the round passed: the unit's start job finished no earlier.
     let journal = node.run(&["journalctl", "-o", "short-monotonic", "--no-pager", "-u", "executor-agent"])?;
@@ -113,7 +113,7 @@ fn breakage(s: &mut Suite, name: &'static str, stage: &str, break_it: &str, undo
     let t = Instant::now();
     node.run(&["sh", "-c", break_it])?;
     let (_, json) = node.wait_readyz(false, INTERVAL + ROUND, POLL)?;
-    s.record(name, "broken to /readyz 503", t.elapsed());
+    s.ms(name, "broken to /readyz 503", t.elapsed());
     let canary = check(&json, "canary")?;
     let detail = canary["detail"].as_str().unwrap_or_default();
     eprintln!("    canary: {detail}");
@@ -134,7 +134,7 @@ fn breakage(s: &mut Suite, name: &'static str, stage: &str, break_it: &str, undo
     let t = Instant::now();
     node.run(&["sh", "-c", undo])?;
     node.wait_readyz(true, INTERVAL + ROUND, POLL)?;
-    s.record(name, "undone to /readyz 200", t.elapsed());
+    s.ms(name, "undone to /readyz 200", t.elapsed());
     // Let a round that is still cleaning up finish before looking.
     std::thread::sleep(Duration::from_secs(1));
     assert_nothing_left(&mut node)?;
@@ -144,7 +144,7 @@ fn breakage(s: &mut Suite, name: &'static str, stage: &str, break_it: &str, undo
 fn leftovers_of_a_killed_agent(s: &mut Suite) -> Result<()> {
     const NAME: &str = "canary: killed agent";
     let mut node = fast_node(s, NAME)?;
-    crate::node::import_test_image(&mut node)?;
+    crate::harness::node::import_test_image(&mut node)?;
     // A job of the runner's, which the canary must never touch, and an object another tool
     // labelled with the canary's key in a form the agent never writes.
     node.run_as_core("podman run -d --name job-of-the-runner localhost/busybox sleep 600 >/dev/null")?;
@@ -182,7 +182,7 @@ fn leftovers_of_a_killed_agent(s: &mut Suite) -> Result<()> {
         ensure!(Instant::now() < deadline, "no passing round removed the leftovers");
         std::thread::sleep(POLL);
     };
-    s.record(NAME, "kill to a round that removed the leftovers", t.elapsed());
+    s.ms(NAME, "kill to a round that removed the leftovers", t.elapsed());
     eprintln!("    canary: {detail}");
     std::thread::sleep(Duration::from_secs(1));
     assert_nothing_left(&mut node)?;

@@ -6,17 +6,17 @@
 //! score on the host) and 60 s of load against `/readyz` with drift repaired during it.
 //! Prints PASS/FAIL per case, every figure, and `N passed, N failed` last.
 
-use crate::butane::{File, NodeFields, Resource};
-use crate::host;
-use crate::ignition::Extras;
+use super::runner::{self, Kind, Table, Tally, Words};
+use crate::harness::host;
+use crate::harness::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
+use crate::harness::probe::{failing_checks, Prober};
+use crate::harness::tree::Os;
 use crate::message_ids::{CHECK_CHANGED, NODE_CHANGED, REPAIR_FAILED};
-use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
-use crate::probe::{failing_checks, Prober};
-use crate::tree::Os;
-use crate::Tally;
+use crate::render::butane::{File, NodeFields, Resource};
+use crate::render::ignition::Extras;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, Read as _};
+use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,25 +54,22 @@ const SANDBOX_ERRORS: &[&str] = &[
 const AGENT_UNIT: &str = "executor-agent.service";
 const BAD_CONFIG: &str = "/etc/executor-agent/config.d/50-bad.toml";
 
-/// One printed figure.
-struct Figure {
-    os: Os,
-    case: &'static str,
-    what: String,
-    value: String,
+/// The faults suite, as the runner prints it.
+pub struct Faults;
+
+impl Kind for Faults {
+    const WORDS: Words = Words {
+        suite: "faults",
+        one: "case",
+        log_lines: 20,
+        table: Table { case: 24, figure: 72, value: 0, value_title: "value", rule: 130 },
+    };
 }
 
-struct Suite {
-    os: Os,
-    agent: PathBuf,
-    pristine: PathBuf,
-    figures: Vec<Figure>,
-    notes: Vec<String>,
-    counter: usize,
-    logs: Vec<PathBuf>,
-}
+/// What the cases of one OS share (the runner's, with `ready_node` below).
+type Suite = runner::Suite<Faults>;
 
-type Case = fn(&mut Suite) -> Result<()>;
+type Case = runner::Case<Faults>;
 
 const CASES: &[(&str, &str, Case)] = &[
     ("dbus-late", "D-Bus not there at start: waits, says why, recovers with no restart", dbus_late),
@@ -121,89 +118,19 @@ pub fn cmd_faults(oses: &[Os], args: &[&str]) -> Result<()> {
     run(&agent, &trees, args)?.close("fault case(s)")
 }
 
-/// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn; prints
-/// PASS/FAIL naming the OS, the figures, notes and each OS's wall time, and returns the count
-/// (the caller prints the closing line).
+/// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn through the
+/// suite runner, and returns the count (the caller prints the closing line).
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)], only: &[&str]) -> Result<Tally> {
     host::ensure_packages(&["wrk", "systemd"])?;
-    node::cleanup_leftovers("faults-")?;
-    let mut tally = Tally::default();
-    let (mut figures, mut notes, mut walls) = (Vec::new(), Vec::new(), Vec::new());
-    for (os, pristine) in trees {
-        let os = *os;
-        let mut suite = Suite {
-            os,
-            agent: agent.to_path_buf(),
-            pristine: pristine.clone(),
-            figures: Vec::new(),
-            notes: Vec::new(),
-            counter: 0,
-            logs: Vec::new(),
-        };
-        let mut this = Tally::default();
-        let started = Instant::now();
-        for (name, what, case) in CASES {
-            if !only.is_empty() && !only.contains(name) {
-                continue;
-            }
-            eprintln!("\n==> faults [{os}]: {name}: {what}");
-            let t = Instant::now();
-            suite.logs.clear();
-            // A panic is a failed case too (its nodes are dropped, so cleaned up, while unwinding).
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut suite)))
-                .unwrap_or_else(|_| Err(anyhow!("the case panicked")));
-            match outcome {
-                Ok(()) => {
-                    this.passed += 1;
-                    println!("PASS  [{os}] {name}: {what} ({:.1} s)", t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    this.failed += 1;
-                    println!("FAIL  [{os}] {name}: {what} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
-                    for log in &suite.logs {
-                        println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 20)));
-                    }
-                }
-            }
-        }
-        node::finish_deletions();
-        walls.push((os, started.elapsed(), this));
-        tally.add(this);
-        figures.append(&mut suite.figures);
-        notes.extend(suite.notes.drain(..).map(|n| format!("[{os}] {n}")));
-    }
-    println!("\n{:<9} {:<24} {:<72} value", "os", "case", "figure");
-    println!("{}", "-".repeat(130));
-    for f in &figures {
-        println!("{:<9} {:<24} {:<72} {}", f.os.name(), f.case, f.what, f.value);
-    }
-    if !notes.is_empty() {
-        println!("\nnotes:");
-        for n in &notes {
-            println!("  - {n}");
-        }
-    }
-    println!();
-    for (os, wall, this) in walls {
-        println!(
-            "faults wall time on {os}: {:.1} s ({} of {} cases passed)",
-            wall.as_secs_f64(),
-            this.passed,
-            this.passed + this.failed
-        );
-    }
-    Ok(tally)
+    let cases: Vec<(String, Case)> = CASES
+        .iter()
+        .filter(|(name, _, _)| only.is_empty() || only.contains(name))
+        .map(|(name, what, case)| (format!("{name}: {what}"), *case))
+        .collect();
+    runner::run(agent, trees, &cases)
 }
 
 impl Suite {
-    fn node(&mut self, extras: &Extras) -> Result<Node> {
-        self.counter += 1;
-        let name = node::test_node_name("faults", self.os, self.counter);
-        let node = Node::create(&name, &self.pristine, &self.agent, extras)?;
-        self.logs.push(node.log.clone());
-        Ok(node)
-    }
-
     /// A fresh node (with `extras`) booted until `/readyz` answers 200.
     fn ready_node(&mut self, case: &'static str, extras: &Extras) -> Result<Node> {
         let mut node = self.node(extras)?;
@@ -212,22 +139,6 @@ impl Suite {
         let (ready_at, _) = node.wait_readyz(true, READY_TIMEOUT, POLL)?;
         self.ms(case, "nspawn start to /readyz 200", ready_at - node.boot_started.unwrap());
         Ok(node)
-    }
-
-    fn fig(&mut self, case: &'static str, what: impl Into<String>, value: impl Into<String>) {
-        let (what, value) = (what.into(), value.into());
-        eprintln!("    {what}: {value}");
-        self.figures.push(Figure { os: self.os, case, what, value });
-    }
-
-    fn ms(&mut self, case: &'static str, what: impl Into<String>, took: Duration) {
-        self.fig(case, what, format!("{:.0} ms", took.as_secs_f64() * 1000.0));
-    }
-
-    fn note(&mut self, text: impl Into<String>) {
-        let text = text.into();
-        eprintln!("    NOTE: {text}");
-        self.notes.push(text);
     }
 }
 
@@ -1465,19 +1376,6 @@ fn file(path: &str, contents: &str) -> File {
         mode: Some(0o644),
         contents: Some(Resource { inline: Some(contents.into()), ..Resource::default() }),
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
-    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
 }
 
 #[cfg(test)]

@@ -2,11 +2,11 @@
 //! possible, `/readyz` watched by a 10 ms prober and the agent's own journal entries; and the
 //! poll-only baseline, a shell health check every 10 s in a node without the agent.
 
-use super::load::Prober;
 use super::ready::{agent_journal, message, mono};
 use super::{nsenter, nsenter_as_core, random_u64};
+use crate::harness::node::{self, Node, PODMAN_SOCK};
+use crate::harness::probe::{Pace, Prober};
 use crate::message_ids::{NODE_NOT_READY, NODE_READY, REPAIR_FAILED};
-use crate::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
 
@@ -101,7 +101,7 @@ pub fn agent_faults(
     verbose: bool,
 ) -> Result<Vec<AgentFault>> {
     let leader = node.leader()?;
-    let prober = Prober::start(leader, AGENT_PORT, "/readyz", Duration::from_millis(10));
+    let prober = Prober::start_in(leader, "/readyz", Duration::from_millis(10), Pace::FixedRate);
     let mut runs = Vec::new();
     for rep in 0..reps {
         for &fault in faults {
@@ -112,9 +112,9 @@ pub fn agent_faults(
             // The /_ping above may have woken the agent: let it settle again.
             prober.wait_stable(true, Duration::from_millis(300), Duration::from_secs(30))?;
             let (t0, t1) = fault.inject(leader).with_context(|| format!("injecting {}", fault.name()))?;
-            let down = prober.wait(t0, false, Duration::from_secs(3));
+            let down = prober.wait_us(t0, false, Duration::from_secs(3));
             let up = match down {
-                Some(d) => Some(prober.wait(d, true, Duration::from_secs(60)).with_context(|| {
+                Some(d) => Some(prober.wait_us(d, true, Duration::from_secs(60)).with_context(|| {
                     format!("{} #{}: /readyz did not come back to 200 within 60 s", fault.name(), rep + 1)
                 })?),
                 None => None,
@@ -265,8 +265,8 @@ pub fn poller_experiment(
     verbose: bool,
 ) -> Result<PollerResult> {
     let leader = node.leader()?;
-    crate::host::write(node.path("/usr/local/bin/bench-poller"), POLLER_SCRIPT)?;
-    crate::host::write(node.path("/etc/systemd/system/bench-poller.service"), POLLER_UNIT)?;
+    crate::harness::host::write(node.path("/usr/local/bin/bench-poller"), POLLER_SCRIPT)?;
+    crate::harness::host::write(node.path("/etc/systemd/system/bench-poller.service"), POLLER_UNIT)?;
     nsenter(leader, &["systemctl", "daemon-reload"])?;
     nsenter(leader, &["systemctl", "start", "bench-poller.service"])?;
     let mut result = PollerResult::default();

@@ -1,111 +1,11 @@
-//! Traffic inside a node's network namespace: a fast `/readyz` prober that keeps every change
-//! with its CLOCK_MONOTONIC time, wrk (run through nsenter) and its parsed report, and a paced
-//! client (one new connection per request, like a health checker).
+//! Traffic inside a node's network namespace: wrk (run through nsenter) and its parsed report,
+//! and a paced client (one new connection per request, like a health checker). The `/readyz`
+//! prober is the harness's (`Pace::FixedRate`, states stamped with CLOCK_MONOTONIC).
 
-use crate::node;
+use crate::harness::node;
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A state change seen by the prober: host CLOCK_MONOTONIC in µs, and 200 (`Some(true)`),
-/// 503 (`Some(false)`) or no answer (`None`).
-pub type Change = (u64, Option<bool>);
-
-/// Polls `GET path` on `port` every `interval` from inside the node's network namespace.
-pub struct Prober {
-    stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<Change>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Prober {
-    pub fn start(leader: i32, port: u16, path: &str, interval: Duration) -> Prober {
-        let stop = Arc::new(AtomicBool::new(false));
-        let changes = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, changes2, path) = (stop.clone(), changes.clone(), path.to_string());
-        let handle = std::thread::spawn(move || {
-            if node::enter_netns(leader).is_err() {
-                return;
-            }
-            let mut last: Option<Option<bool>> = None;
-            let mut next = Instant::now();
-            while !stop2.load(Ordering::Relaxed) {
-                let state = match node::get_local(port, &path) {
-                    Ok((200, _)) => Some(true),
-                    Ok((503, _)) => Some(false),
-                    _ => None,
-                };
-                // The answer's time: when it arrived.
-                let at = node::monotonic_us();
-                if last != Some(state) {
-                    last = Some(state);
-                    changes2.lock().unwrap().push((at, state));
-                }
-                next += interval;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
-                    next = now;
-                }
-            }
-        });
-        Prober { stop, changes, handle: Some(handle) }
-    }
-
-    /// The first time at or after `after_us` the prober saw `want`.
-    pub fn first(&self, after_us: u64, want: bool) -> Option<u64> {
-        self.changes.lock().unwrap().iter().find(|(at, s)| *at >= after_us && *s == Some(want)).map(|c| c.0)
-    }
-
-    /// The latest state and since when.
-    pub fn current(&self) -> Option<Change> {
-        self.changes.lock().unwrap().last().copied()
-    }
-
-    /// Waits for the first `want` at or after `after_us`.
-    pub fn wait(&self, after_us: u64, want: bool, timeout: Duration) -> Option<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self.first(after_us, want) {
-                return Some(at);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits until the state has been `want` for `stable` without a change.
-    pub fn wait_stable(&self, want: bool, stable: Duration, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((since, state)) = self.current() {
-                if state == Some(want)
-                    && node::monotonic_us().saturating_sub(since) >= stable.as_micros() as u64
-                {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("/readyz was not steadily {} within {timeout:?}", if want { 200 } else { 503 });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 /// What wrk reported.
 #[derive(Clone, Debug, Default)]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::host;
+use crate::harness::host;
 
 /// Pinned so that CI and developers fuzz with the same driver.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

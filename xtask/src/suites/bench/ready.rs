@@ -3,12 +3,12 @@
 //! with oneshot units and the agent not installed. Every time comes from the node's systemd and
 //! journal (CLOCK_MONOTONIC, shared by host and node), so a poll interval adds nothing to it.
 
-use super::load::Prober;
 use super::{nsenter, Json};
-use crate::butane::{File, Link, NodeFields, Resource};
-use crate::ignition::Extras;
+use crate::harness::node::{self, Node};
+use crate::harness::probe::{Pace, Prober};
 use crate::message_ids;
-use crate::node::{self, Node, AGENT_PORT};
+use crate::render::butane::{File, Link, NodeFields, Resource};
+use crate::render::ignition::Extras;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -234,7 +234,7 @@ fn uninstall_agent(node: &Node) -> Result<()> {
         "/etc/systemd/system/executor-agent.service",
         "/etc/systemd/system/multi-user.target.wants/executor-agent-boot-gate.service",
         "/etc/systemd/system/executor-agent-boot-gate.service",
-        crate::ignition::AGENT_PATH,
+        crate::render::ignition::AGENT_PATH,
     ] {
         let p = node.path(path);
         if p.symlink_metadata().is_ok() {
@@ -403,12 +403,12 @@ pub fn boot_one(
     }
     // Write the fresh copy out first (syncfs): its dirty pages would otherwise be flushed while
     // the node boots and slow every fsync of the measured work.
-    crate::host::run(crate::host::cmd("sync", ["-f".as_ref(), node.dir.as_os_str()]))?;
+    crate::harness::host::run(crate::harness::host::cmd("sync", ["-f".as_ref(), node.dir.as_os_str()]))?;
     node.boot(false)?;
     let boot_us = node.boot_started_us;
     let leader = wait_leader(&mut node, Duration::from_secs(30))?;
-    let prober =
-        (variant == Variant::Agent).then(|| Prober::start(leader, AGENT_PORT, "/readyz", probe_every));
+    let prober = (variant == Variant::Agent)
+        .then(|| Prober::start_in(leader, "/readyz", probe_every, Pace::FixedRate));
     let marker = node.path(DONE_MARKER);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !marker.exists() {
@@ -422,7 +422,7 @@ pub fn boot_one(
         std::thread::sleep(Duration::from_millis(20));
     }
     let readyz_us = match &prober {
-        Some(p) => Some(p.wait(0, true, Duration::from_secs(60)).with_context(|| {
+        Some(p) => Some(p.wait_us(0, true, Duration::from_secs(60)).with_context(|| {
             format!("node {name}: the agent's /readyz did not answer 200 within 60 s after READY=1")
         })?),
         None => None,

@@ -2,23 +2,20 @@
 //! Ignition config: readiness, a rootless container with port 80, `wait-ready`, restart and
 //! reboot without rewrites, drift repair with detect/repair times, and a malformed /etc/subuid.
 
-use crate::butane::{File, Link, NodeFields, Resource};
-use crate::ignition::{self, Extras};
+use super::runner::{self, indent, Kind, Table, Tally, Words};
+use crate::harness::node::{self, Node, PODMAN_SOCK};
+use crate::harness::probe::Prober;
+use crate::harness::tree::{self, Os};
 use crate::message_ids::{CHECK_CHANGED, NODE_READY};
-use crate::node::{self, Node, PODMAN_SOCK};
-use crate::probe::Prober;
-use crate::tree::{self, Os};
-use crate::Tally;
+use crate::render::butane::{File, Link, NodeFields, Resource};
+use crate::render::ignition::{self, Extras};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-#[path = "e2e_canary.rs"]
 mod canary;
-#[path = "e2e_fleet.rs"]
 mod fleet;
-#[path = "e2e_hostile.rs"]
 mod hostile;
 
 /// Bound on boot + first convergence of a fresh node.
@@ -30,26 +27,22 @@ const POLL: Duration = Duration::from_millis(50);
 /// The agent's persisted sysctl.
 const SYSCTL_KEY: &str = "net.ipv4.ip_unprivileged_port_start";
 
-/// One measured figure: OS, scenario, what, how long.
-struct Figure {
-    os: Os,
-    scenario: &'static str,
-    what: String,
-    took: Duration,
+/// The e2e suite, as the runner prints it.
+pub struct E2e;
+
+impl Kind for E2e {
+    const WORDS: Words = Words {
+        suite: "e2e",
+        one: "scenario",
+        log_lines: 30,
+        table: Table { case: 28, figure: 48, value: 10, value_title: "time", rule: 98 },
+    };
 }
 
-/// What the scenarios of one OS share: the OS, the agent binary, its pristine tree, the figures.
-struct Suite {
-    os: Os,
-    agent: PathBuf,
-    pristine: PathBuf,
-    figures: Vec<Figure>,
-    counter: usize,
-    /// Console logs of the current scenario's nodes, printed when it fails.
-    logs: Vec<PathBuf>,
-}
+/// What the scenarios of one OS share (the runner's, with the e2e node helpers below).
+type Suite = runner::Suite<E2e>;
 
-type Scenario = fn(&mut Suite) -> Result<()>;
+type Scenario = runner::Case<E2e>;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("ready with no other command", ready_without_commands),
@@ -71,94 +64,21 @@ pub fn cmd_e2e(oses: &[Os]) -> Result<()> {
     run(&agent, &trees)?.close("end-to-end scenario(s)")
 }
 
-/// Runs every scenario on each OS of `trees` in turn; prints PASS/FAIL naming the OS, the
-/// figures and each OS's wall time, and returns the count (the caller prints the closing line).
+/// Runs every scenario (those whose name contains `E2E_ONLY`, when set) on each OS of `trees`
+/// in turn through the suite runner, and returns the count (the caller prints the closing line).
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
-    node::cleanup_leftovers("e2e-")?;
-    let mut tally = Tally::default();
-    let mut figures = Vec::new();
-    let mut walls = Vec::new();
-    for (os, pristine) in trees {
-        let os = *os;
-        let mut suite = Suite {
-            os,
-            agent: agent.to_path_buf(),
-            pristine: pristine.clone(),
-            figures: Vec::new(),
-            counter: 0,
-            logs: Vec::new(),
-        };
-        let mut this = Tally::default();
-        let started = Instant::now();
-        // E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT (while developing one).
-        let only = std::env::var("E2E_ONLY").unwrap_or_default();
-        let all =
-            SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()).chain(hostile::scenarios());
-        for (name, scenario) in all.filter(|(name, _)| name.contains(only.as_str())) {
-            eprintln!("\n==> e2e [{os}]: {name}");
-            let t = Instant::now();
-            suite.logs.clear();
-            // A panic is a failed scenario too (its nodes are dropped, so cleaned up, while unwinding).
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut suite)))
-                .unwrap_or_else(|_| Err(anyhow!("the scenario panicked")));
-            match outcome {
-                Ok(()) => {
-                    this.passed += 1;
-                    println!("PASS  [{os}] {name} ({:.1} s)", t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    this.failed += 1;
-                    println!("FAIL  [{os}] {name} ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
-                    for log in &suite.logs {
-                        println!("  last console lines of {}:\n{}", log.display(), indent(&tail(log, 30)));
-                    }
-                }
-            }
-        }
-        let t = Instant::now();
-        node::finish_deletions();
-        eprintln!("(deleting the {os} node copies took another {:.1} s)", t.elapsed().as_secs_f64());
-        walls.push((os, started.elapsed(), this));
-        tally.add(this);
-        figures.append(&mut suite.figures);
-    }
-    print_figures(&figures);
-    println!();
-    for (os, wall, this) in walls {
-        println!(
-            "e2e wall time on {os}: {:.1} s ({} of {} scenarios passed)",
-            wall.as_secs_f64(),
-            this.passed,
-            this.passed + this.failed
-        );
-    }
-    Ok(tally)
-}
-
-fn print_figures(figures: &[Figure]) {
-    println!("\n{:<9} {:<28} {:<48} {:>10}", "os", "scenario", "figure", "time");
-    println!("{}", "-".repeat(98));
-    for f in figures {
-        println!(
-            "{:<9} {:<28} {:<48} {:>7.0} ms",
-            f.os.name(),
-            f.scenario,
-            f.what,
-            f.took.as_secs_f64() * 1000.0
-        );
-    }
+    // E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT (while developing one).
+    let only = std::env::var("E2E_ONLY").unwrap_or_default();
+    let all =
+        SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()).chain(hostile::scenarios());
+    let cases: Vec<(String, Scenario)> = all
+        .filter(|(name, _)| name.contains(only.as_str()))
+        .map(|(name, scenario)| (name.to_string(), *scenario))
+        .collect();
+    runner::run(agent, trees, &cases)
 }
 
 impl Suite {
-    /// A fresh node named after the scenario, provisioned with the local variant plus `extras`.
-    fn node(&mut self, extras: &Extras) -> Result<Node> {
-        self.counter += 1;
-        let name = node::test_node_name("e2e", self.os, self.counter);
-        let node = Node::create(&name, &self.pristine, &self.agent, extras)?;
-        self.logs.push(node.log.clone());
-        Ok(node)
-    }
-
     /// A fresh node booted until `/readyz` answers 200; records boot and ready times.
     fn ready_node(&mut self, scenario: &'static str) -> Result<Node> {
         let mut node = self.node(&Extras::default())?;
@@ -171,18 +91,13 @@ impl Suite {
         node.wait_systemd(Duration::from_secs(60))?;
         let booted = node.boot_started.unwrap().elapsed();
         let (ready_at, _) = node.wait_readyz(true, READY_TIMEOUT, POLL)?;
-        self.record(scenario, "boot (nspawn start to systemd answering)", booted);
-        self.record(
+        self.ms(scenario, "boot (nspawn start to systemd answering)", booted);
+        self.ms(
             scenario,
             "time to ready (nspawn start to /readyz 200)",
             ready_at - node.boot_started.unwrap(),
         );
         Ok(())
-    }
-
-    fn record(&mut self, scenario: &'static str, what: &str, took: Duration) {
-        eprintln!("    {what}: {:.0} ms", took.as_secs_f64() * 1000.0);
-        self.figures.push(Figure { os: self.os, scenario, what: what.to_string(), took });
     }
 }
 
@@ -192,7 +107,7 @@ fn ready_without_commands(s: &mut Suite) -> Result<()> {
     const NAME: &str = "ready";
     let mut node = s.ready_node(NAME)?;
     if let Some(active) = unit_active_after_boot(&mut node)? {
-        s.record(NAME, "agent unit active (READY=1) after nspawn start", active);
+        s.ms(NAME, "agent unit active (READY=1) after nspawn start", active);
     }
     let (ready, json) = node.readyz()?;
     ensure!(ready, "/readyz is not 200: {json}");
@@ -251,18 +166,18 @@ fn rootless_container(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     let out = node
         .run_as_core(&format!("{docker} run --rm localhost/busybox echo hello from a rootless container"))?;
-    s.record(NAME, "docker run --rm (through the Podman socket)", t.elapsed());
+    s.ms(NAME, "docker run --rm (through the Podman socket)", t.elapsed());
     ensure!(out.trim() == "hello from a rootless container", "docker run printed {out:?}");
     let uid_map = node.run_as_core(&format!("{docker} run --rm localhost/busybox cat /proc/self/uid_map"))?;
     ensure!(uid_map.lines().count() >= 2, "the container has no subordinate range mapped: {uid_map:?}");
     let t = Instant::now();
     node.run_as_core(&format!("{docker} run -d --name web -p 80:8000 localhost/busybox {}", node::HTTPD))?;
     let (_, body) = node::wait_http(&mut node, 80, "/index.html", Duration::from_secs(15))?;
-    s.record(NAME, "docker run -p 80:8000 until port 80 answers", t.elapsed());
+    s.ms(NAME, "docker run -p 80:8000 until port 80 answers", t.elapsed());
     ensure!(body == tree::IMAGE_INDEX, "port 80 answered {body:?}");
     let t = Instant::now();
     node.run_as_core(&format!("{docker} stop web >/dev/null && {docker} rm web >/dev/null"))?;
-    s.record(NAME, "docker stop + rm (SIGTERM honoured)", t.elapsed());
+    s.ms(NAME, "docker stop + rm (SIGTERM honoured)", t.elapsed());
     Ok(())
 }
 
@@ -278,7 +193,7 @@ fn wait_ready_succeeds(s: &mut Suite) -> Result<()> {
     ensure!(out.status.success(), "wait-ready failed: {}", show(&out));
     let (ready, json) = node.readyz()?;
     ensure!(ready, "wait-ready exited 0 but /readyz is 503: {json}");
-    s.record(NAME, "wait-ready (from systemd up) exit 0", took);
+    s.ms(NAME, "wait-ready (from systemd up) exit 0", took);
     Ok(())
 }
 
@@ -307,7 +222,7 @@ fn wait_ready_fails(s: &mut Suite) -> Result<()> {
         "wait-ready took {took:?} for --timeout 10s"
     );
     eprintln!("    wait-ready said: {}", text.trim().replace('\n', "\n    "));
-    s.record(NAME, "wait-ready --timeout 10s exit non-zero", took);
+    s.ms(NAME, "wait-ready --timeout 10s exit non-zero", took);
     let (ready, json) = node.readyz()?;
     ensure!(!ready, "/readyz is 200 with podman.socket masked: {json}");
     Ok(())
@@ -320,7 +235,7 @@ fn restart_rewrites_nothing(s: &mut Suite) -> Result<()> {
     let t = Instant::now();
     node.run(&["systemctl", "restart", "executor-agent"])?;
     node.wait_readyz(true, Duration::from_secs(60), POLL)?;
-    s.record(NAME, "systemctl restart until /readyz 200", t.elapsed());
+    s.ms(NAME, "systemctl restart until /readyz 200", t.elapsed());
     // Let a full pass run after the restart before comparing.
     std::thread::sleep(Duration::from_secs(1));
     compare_stamps(&before, &stamps(&node)?)
@@ -332,11 +247,11 @@ fn reboot_rewrites_nothing(s: &mut Suite) -> Result<()> {
     let before = stamps(&node)?;
     let t = Instant::now();
     node.poweroff(Duration::from_secs(60))?;
-    s.record(NAME, "poweroff", t.elapsed());
+    s.ms(NAME, "poweroff", t.elapsed());
     node.boot(false)?;
     node.wait_systemd(Duration::from_secs(60))?;
     let (ready_at, _) = node.wait_readyz(true, READY_TIMEOUT, POLL)?;
-    s.record(NAME, "second boot: time to ready", ready_at - node.boot_started.unwrap());
+    s.ms(NAME, "second boot: time to ready", ready_at - node.boot_started.unwrap());
     std::thread::sleep(Duration::from_secs(1));
     compare_stamps(&before, &stamps(&node)?)?;
     ensure_ping(&mut node)
@@ -414,7 +329,7 @@ fn malformed_subuid(s: &mut Suite) -> Result<()> {
         );
         std::thread::sleep(POLL);
     };
-    s.record(NAME, "nspawn start to /readyz 503 naming subuid", node.boot_started.unwrap().elapsed());
+    s.ms(NAME, "nspawn start to /readyz 503 naming subuid", node.boot_started.unwrap().elapsed());
     eprintln!("    /readyz subuid detail: {detail}");
     let names_line =
         ["/etc/subuid:2", "/etc/subuid line 2", "/etc/subuid, line 2"].iter().any(|p| detail.contains(p));
@@ -458,12 +373,12 @@ fn drift(
     })();
     let history = prober.stop();
     let (down, up) = result.with_context(|| format!("/readyz history:{}", history.text))?;
-    s.record(name, "drift command ran (systemd-run round trip)", applied);
-    s.record(name, "detect: drift to /readyz 503", down - t0);
-    s.record(name, "repair: drift to /readyz 200 again", up - t0);
+    s.ms(name, "drift command ran (systemd-run round trip)", applied);
+    s.ms(name, "detect: drift to /readyz 503", down - t0);
+    s.ms(name, "repair: drift to /readyz 200 again", up - t0);
     if let Some((detect, repair)) = journal_times(&mut node, t0_us)? {
-        s.record(name, "agent journal: drift to first check failing", detect);
-        s.record(name, "agent journal: drift to ready again", repair);
+        s.ms(name, "agent journal: drift to first check failing", detect);
+        s.ms(name, "agent journal: drift to ready again", repair);
     }
     verify(&mut node)
 }
@@ -591,16 +506,6 @@ fn compare_stamps(before: &[(PathBuf, Stamp)], after: &[(PathBuf, Stamp)]) -> Re
 
 fn show(out: &std::process::Output) -> String {
     format!("{} {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read: {e})"));
-    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
-    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
 }
 
 #[cfg(test)]

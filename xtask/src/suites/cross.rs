@@ -2,7 +2,7 @@
 //! and `cargo xtask cross-test`, which runs the agent's unit tests and the release binary
 //! under qemu-user (binfmt_misc is not mounted here, so cargo gets an explicit runner).
 
-use crate::host;
+use crate::harness::host;
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -216,8 +216,9 @@ pub fn run(log: Option<&Path>) -> Result<Summary> {
         );
     }
     // The shipped configuration (ignition/config.toml, what the Ignition config installs).
-    let config =
-        host::capture(qemu(&bin).arg("--config").arg(crate::ignition::config_toml_path()).arg("config"))?;
+    let config = host::capture(
+        qemu(&bin).arg("--config").arg(crate::render::ignition::config_toml_path()).arg("config"),
+    )?;
     let printed = String::from_utf8_lossy(&config.stdout);
     if !config.status.success() || !printed.contains("user = \"core\"") {
         bail!(

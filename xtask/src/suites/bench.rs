@@ -16,8 +16,8 @@ mod load;
 mod procfs;
 mod ready;
 
-use crate::host;
-use crate::node::{self, Node, AGENT_PORT};
+use crate::harness::host;
+use crate::harness::node::{self, Node, AGENT_PORT};
 use anyhow::{bail, Context, Result};
 use drift::Fault;
 use ready::{Boot, Variant};
@@ -120,7 +120,7 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
     host::ensure_packages(&["wrk"])?;
     node::cleanup_leftovers("bench-")?;
     // The bench measures on bookworm (its baselines were taken there).
-    let (agent, trees) = node::prepare(&[crate::tree::Os::Bookworm])?;
+    let (agent, trees) = node::prepare(&[crate::harness::tree::Os::Bookworm])?;
     let pristine =
         trees.into_iter().next().map(|(_, tree)| tree).expect("prepare returns the tree asked for");
     let baseline_bin = build_baseline()?;
@@ -291,7 +291,7 @@ pub fn cmd_bench(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the baseline server (xtask/src/bench/baseline_server.rs) in release, like the agent.
+/// Builds the baseline server (xtask/src/suites/bench/baseline_server.rs) in release, like the agent.
 fn build_baseline() -> Result<PathBuf> {
     eprintln!("==> building bench-baseline (release)");
     host::run(host::cargo().args([
@@ -432,7 +432,7 @@ fn with_rss_peak<T>(pid: i32, f: impl FnOnce() -> T) -> (T, f64) {
 }
 
 fn probe_cost(node: &mut Node, leader: i32, baseline_bin: &Path, opts: &Opts) -> Result<Probes> {
-    let work = crate::tree::cache_dir().join("bench");
+    let work = crate::harness::tree::cache_dir().join("bench");
     std::fs::create_dir_all(&work)?;
     let mut routes = Vec::new();
     for path in ["/readyz", "/status"] {

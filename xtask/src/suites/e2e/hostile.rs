@@ -1,12 +1,12 @@
 //! End-to-end scenarios of the rootless boundary: a dedicated runner user with the shipped
 //! unit, and the runner user as an attacker of the root agent.
 //!
-//! A child module of `e2e` (declared there with `#[path]`), sharing its suite and helpers.
+//! A child module of `e2e` (suites/e2e/), sharing its suite and helpers.
 
 use super::fleet::check;
 use super::{Scenario, Suite};
-use crate::ignition::Extras;
-use crate::node::Node;
+use crate::harness::node::Node;
+use crate::render::ignition::Extras;
 use anyhow::{bail, ensure, Context, Result};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ fn dedicated_runner_user(s: &mut Suite) -> Result<()> {
     // The user, as `passwd.users` in Butane would make it (no groups), with none of the
     // subordinate ranges Debian's useradd adds by itself and no containers configuration.
     let root = node.dir.to_string_lossy().into_owned();
-    crate::host::run(crate::host::cmd(
+    crate::harness::host::run(crate::harness::host::cmd(
         "chroot",
         [root.as_str(), "useradd", "-m", "-u", &RUNNER_UID.to_string(), "-U", "-s", "/bin/bash", RUNNER],
     ))?;
@@ -60,7 +60,7 @@ fn dedicated_runner_user(s: &mut Suite) -> Result<()> {
     let canary = check(&json, "canary")?;
     ensure!(canary["ok"] == true, "the canary does not pass for {RUNNER}: {canary}");
     let status: serde_json::Value =
-        serde_json::from_str(&node.http_get(crate::node::AGENT_PORT, "/status")?.1)?;
+        serde_json::from_str(&node.http_get(crate::harness::node::AGENT_PORT, "/status")?.1)?;
     ensure!(status["user"] == RUNNER && status["uid"] == RUNNER_UID, "/status names another user: {status}");
     // Podman created the storage only after the agent wrote storage.conf: overlay, not vfs.
     let driver = as_user(&mut node, RUNNER, "podman info --format '{{.Store.GraphDriverName}}'")?;
@@ -88,7 +88,7 @@ fn attacker(s: &mut Suite) -> Result<()> {
     std::fs::create_dir_all(path.parent().expect("a drop-in has a directory"))?;
     std::fs::write(&path, FAST_RESYNC)?;
     // Secrets only root can read, for the leak check.
-    let marker = format!("rootsecret{:016x}", crate::bench::random_u64());
+    let marker = format!("rootsecret{:016x}", crate::suites::bench::random_u64());
     let shadow = node.path("/etc/shadow");
     let mut text = std::fs::read_to_string(&shadow)?;
     text.push_str(&format!("attacked:$6${marker}$x:19000:0:99999:7:::\n"));
@@ -135,7 +135,7 @@ fn attacker(s: &mut Suite) -> Result<()> {
         });
         outputs.push(collect_outputs(&mut node)?);
         repaired.with_context(|| format!("during attack {what:?}: the subuid drift was not repaired"))?;
-        let healthz = node.http_get(crate::node::AGENT_PORT, "/healthz")?;
+        let healthz = node.http_get(crate::harness::node::AGENT_PORT, "/healthz")?;
         ensure!(healthz.0 == 200, "during attack {what:?}: /healthz answered {}", healthz.0);
         ensure!(
             prop(&mut node, "executor-agent", "MainPID")? == main_pid,
@@ -152,7 +152,7 @@ fn attacker(s: &mut Suite) -> Result<()> {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .context("no VmHWM for the agent")?;
-    s.record(NAME, &format!("agent peak RSS after the attacks: {} KiB", rss_kib), Duration::ZERO);
+    s.ms(NAME, format!("agent peak RSS after the attacks: {} KiB", rss_kib), Duration::ZERO);
     ensure!(rss_kib < 64 * 1024, "the agent's peak RSS grew to {rss_kib} KiB");
     // The health port while the agent is down: systemd's socket keeps it, so the runner user
     // cannot answer wait-ready, load balancers or the boot gate in the agent's place.
@@ -185,7 +185,7 @@ fn attacker(s: &mut Suite) -> Result<()> {
 fn collect_outputs(node: &mut Node) -> Result<String> {
     let mut all = String::new();
     for path in ["/readyz", "/status", "/metrics"] {
-        all.push_str(&node.http_get(crate::node::AGENT_PORT, path)?.1);
+        all.push_str(&node.http_get(crate::harness::node::AGENT_PORT, path)?.1);
     }
     all.push_str(&prop(node, "executor-agent", "StatusText")?);
     all.push_str(&node.run(&["journalctl", "-o", "json", "--no-pager", "-u", "executor-agent"])?);

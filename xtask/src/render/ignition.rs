@@ -3,9 +3,9 @@
 //! The production config has one variant per architecture: `executor-agent.bu` (x86_64) and
 //! `executor-agent-aarch64.bu`, written from it with the aarch64 binary's URL and hash.
 
-use crate::butane::{self, Config, Resource};
-use crate::cross;
-use crate::host;
+use crate::harness::host;
+use crate::render::butane::{self, Config, Resource};
+use crate::suites::cross;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha512};
@@ -635,7 +635,7 @@ mod tests {
             (Some(b64), c) => {
                 let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
                 if c == "gzip" {
-                    crate::gzip::decompress(&raw).unwrap()
+                    crate::render::gzip::decompress(&raw).unwrap()
                 } else {
                     raw
                 }
@@ -659,7 +659,7 @@ mod tests {
         };
         assert!(got == want, "the config.toml embedded in the .ign differs from ignition/config.toml: run `cargo xtask ignition`");
         let plain = (1 + butane::path_escape(&want).len()).min(8 + want.len().div_ceil(3) * 4);
-        let gz = 8 + crate::gzip::compress(&want).len().div_ceil(3) * 4 + 4;
+        let gz = 8 + crate::render::gzip::compress(&want).len().div_ceil(3) * 4 + 4;
         let margin = (plain as f64 - gz as f64).abs() / plain as f64;
         assert!(
             margin > 0.05,

@@ -2,7 +2,7 @@
 //! (bookworm, trixie), built with debootstrap and cached side by side under `.node-cache/`, each
 //! keyed by its suite, package list and recipe.
 
-use crate::host;
+use crate::harness::host;
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt as _;
