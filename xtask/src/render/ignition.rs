@@ -295,8 +295,31 @@ pub fn sha512_hex(data: &[u8]) -> String {
     Sha512::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `cargo xtask ignition [--check]`: every production variant (x86_64, aarch64).
+/// Butane snippets an operator merges into a node's config, each rendered beside its source.
+const SNIPPETS: [(&str, &str); 1] = [("ignition/zincati-fleet-lock.bu", "ignition/zincati-fleet-lock.ign")];
+
+fn render_snippet(source: &str) -> Result<String> {
+    let text = host::read_string(host::repo_root().join(source))?;
+    let config = butane::Config::parse(&text).with_context(|| source.to_string())?;
+    Ok(config.to_ignition(None)?.to_pretty() + "\n")
+}
+
+/// `cargo xtask ignition [--check]`: every production variant (x86_64, aarch64) and snippet.
 pub fn cmd_ignition(check: bool) -> Result<()> {
+    for (source, rendered) in SNIPPETS {
+        let fresh = render_snippet(source)?;
+        let path = host::repo_root().join(rendered);
+        if check {
+            if host::read_string(&path)? != fresh {
+                bail!("{rendered} is stale: run `cargo xtask ignition` and commit the result");
+            }
+            eprintln!("ok: {rendered} is what {source} renders to");
+        } else {
+            host::write(&path, fresh)?;
+            eprintln!("wrote {rendered}");
+        }
+        validate_if_possible(&path)?;
+    }
     if check {
         let derived = derive_aarch64_source()?;
         if derived != host::read_string(AARCH64.butane_path())? {

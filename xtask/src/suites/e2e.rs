@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 mod canary;
 mod fleet;
 mod hostile;
+mod leave;
 
 /// Bound on boot + first convergence of a fresh node.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -69,8 +70,12 @@ pub fn cmd_e2e(oses: &[Os]) -> Result<()> {
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
     // E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT (while developing one).
     let only = std::env::var("E2E_ONLY").unwrap_or_default();
-    let all =
-        SCENARIOS.iter().chain(fleet::scenarios()).chain(canary::scenarios()).chain(hostile::scenarios());
+    let all = SCENARIOS
+        .iter()
+        .chain(fleet::scenarios())
+        .chain(canary::scenarios())
+        .chain(hostile::scenarios())
+        .chain(leave::scenarios());
     let cases: Vec<(String, Scenario)> = all
         .filter(|(name, _)| name.contains(only.as_str()))
         .map(|(name, scenario)| (name.to_string(), *scenario))

@@ -4,7 +4,7 @@
 //! a constant body read once at start (the bench passes the agent's own `/readyz` and `/status`
 //! answers, so both servers send the same bytes).
 //!
-//! usage: bench-baseline ADDR [PATH=FILE]...     e.g. bench-baseline 127.0.0.1:9740 /readyz=readyz.json
+//! usage: bench-baseline ADDR [PATH=FILE]...     e.g. bench-baseline 127.0.0.1:9741 /readyz=readyz.json
 //!
 //! Built only with `--features bench-baseline` (`cargo xtask bench` builds it in release).
 
@@ -14,7 +14,7 @@ use axum::Router;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9740".to_string());
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9741".to_string());
     let mut app = Router::new();
     let mut routes = 0;
     for arg in args {

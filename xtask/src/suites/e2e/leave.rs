@@ -1,0 +1,260 @@
+//! End-to-end scenarios of a node leaving the fleet without killing a job: what runs is
+//! known (`check`, `/status`), `drain --wait` returns once no job runs, zincati's FleetLock
+//! grants a reboot only to root and only once idle, and an EC2 Spot interruption notice from
+//! a fake IMDS at 169.254.169.254 (inside the node's own network namespace) drains the node.
+//!
+//! A child module of `e2e` (suites/e2e/), so it shares the suite, the node helpers and the
+//! figures.
+
+use super::{Scenario, Suite, POLL};
+use crate::harness::node::{self, Node, PODMAN_SOCK};
+use anyhow::{anyhow, ensure, Context, Result};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bound on each wait inside a scenario.
+const WAIT: Duration = Duration::from_secs(30);
+/// The GitLab job ID the fake job's container carries, as GitLab Runner labels it.
+const JOB_ID: &str = "4242";
+
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("leave: drain --wait returns once no job runs, names it at the timeout", drain_wait),
+    ("leave: FleetLock lock only for root and only once no job runs", fleet_lock),
+    ("leave: an EC2 Spot interruption notice drains the node", spot_notice),
+];
+
+/// The scenarios, chained after `e2e`'s own.
+pub fn scenarios() -> &'static [(&'static str, Scenario)] {
+    SCENARIOS
+}
+
+/// Starts a container as GitLab Runner's docker executor would for job [`JOB_ID`].
+fn start_job(node: &mut Node) -> Result<()> {
+    node::import_test_image(node)?;
+    node.run_as_core(&format!(
+        "DOCKER_HOST=unix://{PODMAN_SOCK} docker run -d --name job --label com.gitlab.gitlab-runner.job.id={JOB_ID} \
+         --label com.gitlab.gitlab-runner.type=build localhost/busybox sleep 600 >/dev/null"
+    ))?;
+    Ok(())
+}
+
+fn end_job(node: &mut Node) -> Result<()> {
+    node.run_as_core(&format!("DOCKER_HOST=unix://{PODMAN_SOCK} docker rm -f -t 0 job >/dev/null"))?;
+    Ok(())
+}
+
+fn drain_wait(s: &mut Suite) -> Result<()> {
+    const NAME: &str = "leave: drain --wait";
+    let mut node = s.ready_node(NAME)?;
+    let t = Instant::now();
+    let idle =
+        node.run(&["executor-agent", "drain", "--reason", "scale-in", "--wait", "--timeout", "20s"])?;
+    s.ms(NAME, "drain --wait on an idle node: exit 0", t.elapsed());
+    ensure!(idle.contains("no job runs"), "drain --wait on an idle node said {idle:?}");
+    node.run(&["executor-agent", "undrain"])?;
+
+    start_job(&mut node)?;
+    let check = node.exec(&["executor-agent", "check"])?;
+    let check = String::from_utf8_lossy(&check.stdout).into_owned();
+    let want = format!("jobs: GitLab job {JOB_ID} (1 container)");
+    ensure!(check.lines().any(|l| l == want), "`check` does not say {want:?}:\n{check}");
+
+    let out = node.exec(&["executor-agent", "drain", "--reason", "scale-in", "--wait", "--timeout", "3s"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "drain --wait exited 0 while a job ran");
+    ensure!(
+        stderr.contains(&format!("still running after 3s: GitLab job {JOB_ID} (1 container)")),
+        "drain --wait at its timeout said {stderr:?}"
+    );
+
+    // Waiting in the background while the job ends.
+    node.run(&[
+        "systemd-run",
+        "--unit=e2e-drain-wait",
+        "--",
+        "sh",
+        "-c",
+        "executor-agent drain --reason scale-in --wait --timeout 60s >/run/drain-wait.out 2>&1; echo $? >/run/drain-wait.rc",
+    ])?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(!node.path("/run/drain-wait.rc").exists(), "drain --wait returned while the job ran");
+    let ended = Instant::now();
+    end_job(&mut node)?;
+    let deadline = Instant::now() + WAIT;
+    let rc = loop {
+        if let Ok(rc) = std::fs::read_to_string(node.path("/run/drain-wait.rc")) {
+            break rc;
+        }
+        ensure!(Instant::now() < deadline, "drain --wait did not return within {WAIT:?} of the job's end");
+        std::thread::sleep(POLL);
+    };
+    s.ms(NAME, "job ended to drain --wait exit", ended.elapsed());
+    let said = std::fs::read_to_string(node.path("/run/drain-wait.out")).unwrap_or_default();
+    ensure!(rc.trim() == "0", "drain --wait exited {rc:?} after the job ended: {said}");
+    ensure!(
+        said.contains(&format!("waiting: GitLab job {JOB_ID}")) && said.contains("no job runs"),
+        "{said}"
+    );
+    Ok(())
+}
+
+/// `curl` of a FleetLock endpoint inside the node: as root, or as core with `as_core`.
+fn fleet_lock_call(path: &str) -> String {
+    format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' -H 'fleet-lock-protocol: true' \
+         -d '{{\"client_params\": {{\"id\": \"e2e-node\", \"group\": \"default\"}}}}' http://127.0.0.1:9740{path}"
+    )
+}
+
+fn fleet_lock(s: &mut Suite) -> Result<()> {
+    const NAME: &str = "leave: FleetLock";
+    let mut node = s.ready_node(NAME)?;
+    start_job(&mut node)?;
+
+    let as_core = node.run_as_core(&fleet_lock_call("/v1/pre-reboot"))?;
+    ensure!(as_core == "403", "pre-reboot as core answered {as_core}");
+    let (ready, json) = node.readyz()?;
+    ensure!(ready, "the runner user drained its node through FleetLock: {json}");
+
+    let t = Instant::now();
+    let busy = node.run(&["sh", "-c", &fleet_lock_call("/v1/pre-reboot")])?;
+    ensure!(busy == "409", "pre-reboot as root with a job running answered {busy}");
+    let (_, json) = node.wait_readyz(false, WAIT, POLL)?;
+    s.ms(NAME, "pre-reboot (job running) to /readyz 503", t.elapsed());
+    ensure!(
+        json.to_string().contains("OS update: zincati asks to reboot"),
+        "not drained for the update: {json}"
+    );
+
+    end_job(&mut node)?;
+    let granted = node.run(&["sh", "-c", &fleet_lock_call("/v1/pre-reboot")])?;
+    ensure!(granted == "200", "pre-reboot as root with no job answered {granted}");
+    let held = std::fs::read_to_string(node.path("/var/lib/executor-agent/fleet-lock.json"))
+        .context("the lock was granted but not recorded")?;
+    ensure!(held.contains("e2e-node"), "{held}");
+
+    node.run(&["systemctl", "restart", "executor-agent"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let released = node.run(&["sh", "-c", &fleet_lock_call("/v1/steady-state")])?;
+    ensure!(released == "200", "steady-state answered {released}");
+    node.wait_readyz(true, WAIT, POLL)?;
+    s.ms(NAME, "steady-state to /readyz 200 (undrained)", t.elapsed());
+    ensure!(!node.path("/var/lib/executor-agent/fleet-lock.json").exists(), "the lock was not released");
+    Ok(())
+}
+
+/// A fake IMDSv2 in the node's network namespace: a token, then 404 for both notices until
+/// `interruption` is set.
+struct FakeImds {
+    interruption: Arc<Mutex<Option<String>>>,
+    asked: Arc<Mutex<u32>>,
+}
+
+impl FakeImds {
+    fn start(node: &mut Node) -> Result<FakeImds> {
+        let leader = node.leader()?;
+        // The host's `ip`, in the node's network namespace only.
+        let status = std::process::Command::new("nsenter")
+            .args(["-t", &leader.to_string(), "-n", "ip", "addr", "add", "169.254.169.254/32", "dev", "lo"])
+            .status()?;
+        ensure!(status.success(), "cannot add 169.254.169.254 to the node's loopback");
+        let interruption = Arc::new(Mutex::new(None::<String>));
+        let asked = Arc::new(Mutex::new(0));
+        let (notice, count) = (interruption.clone(), asked.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listener = node::enter_netns(leader)
+                .and_then(|()| std::net::TcpListener::bind("169.254.169.254:80").map_err(Into::into));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            for stream in listener.incoming().flatten() {
+                let _ = answer(stream, &notice, &count);
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| anyhow!("the fake IMDS did not start"))??;
+        Ok(FakeImds { interruption, asked })
+    }
+}
+
+/// One request, one answer, then close (as IMDS allows).
+fn answer(
+    mut stream: std::net::TcpStream,
+    notice: &Mutex<Option<String>>,
+    asked: &Mutex<u32>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&request);
+    let line = text.lines().next().unwrap_or_default().to_string();
+    let has_token = text.to_ascii_lowercase().contains("x-aws-ec2-metadata-token: tok");
+    *asked.lock().unwrap() += 1;
+    let (status, body) = if line.starts_with("PUT /latest/api/token ") {
+        ("200 OK", "tok".to_string())
+    } else if !has_token {
+        ("401 Unauthorized", String::new())
+    } else if line.starts_with("GET /latest/meta-data/spot/instance-action ") {
+        match notice.lock().unwrap().clone() {
+            Some(body) => ("200 OK", body),
+            None => ("404 Not Found", String::new()),
+        }
+    } else {
+        ("404 Not Found", String::new())
+    };
+    write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+}
+
+fn spot_notice(s: &mut Suite) -> Result<()> {
+    const NAME: &str = "leave: Spot notice";
+    let mut node = s.ready_node(NAME)?;
+    let imds = FakeImds::start(&mut node)?;
+    // Afterburn's attributes say EC2; the agent reads them at each pass.
+    node.run(&[
+        "sh",
+        "-c",
+        "mkdir -p /run/metadata && printf 'AFTERBURN_AWS_INSTANCE_ID=i-0e2e0e2e0e2e0e2e0\\n' >/run/metadata/afterburn",
+    ])?;
+    node.run(&["systemctl", "restart", "executor-agent"])?;
+    node.wait_readyz(true, WAIT, POLL)?;
+    let deadline = Instant::now() + WAIT;
+    while *imds.asked.lock().unwrap() < 2 {
+        ensure!(Instant::now() < deadline, "the agent never asked the fake IMDS");
+        std::thread::sleep(POLL);
+    }
+    let (ready, json) = node.readyz()?;
+    ensure!(ready, "IMDS with no notice made the node not ready: {json}");
+
+    let t = Instant::now();
+    *imds.interruption.lock().unwrap() =
+        Some(r#"{"action": "terminate", "time": "2026-12-01T17:02:00Z"}"#.into());
+    let (_, json) = node.wait_readyz(false, WAIT, POLL)?;
+    s.ms(NAME, "interruption notice to /readyz 503", t.elapsed());
+    ensure!(
+        json.to_string().contains("EC2 Spot interruption notice: terminate at 2026-12-01T17:02:00Z"),
+        "the drain does not give the notice: {json}"
+    );
+    let metrics = node.http_get(node::AGENT_PORT, "/metrics")?.1;
+    ensure!(metrics.contains(r#"executor_agent_check_ok{check="drain",required="true"} 0"#), "{metrics}");
+    node.run(&["executor-agent", "undrain"])?;
+    node.wait_readyz(true, WAIT, POLL)?;
+    let asked = *imds.asked.lock().unwrap();
+    s.fig(NAME, "IMDS requests over the scenario", asked.to_string());
+    Ok(())
+}
