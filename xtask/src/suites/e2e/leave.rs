@@ -40,7 +40,7 @@ fn start_job(node: &mut Node) -> Result<()> {
 }
 
 fn end_job(node: &mut Node) -> Result<()> {
-    node.run_as_core(&format!("DOCKER_HOST=unix://{PODMAN_SOCK} docker rm -f -t 0 job >/dev/null"))?;
+    node.run_as_core(&format!("DOCKER_HOST=unix://{PODMAN_SOCK} docker rm -f job >/dev/null"))?;
     Ok(())
 }
 
@@ -75,22 +75,29 @@ fn drain_wait(s: &mut Suite) -> Result<()> {
         "--",
         "sh",
         "-c",
-        "executor-agent drain --reason scale-in --wait --timeout 60s >/run/drain-wait.out 2>&1; echo $? >/run/drain-wait.rc",
+        "executor-agent drain --reason scale-in --wait --timeout 60s >/var/tmp/drain-wait.out 2>&1; echo $? >/var/tmp/drain-wait.rc",
     ])?;
     std::thread::sleep(Duration::from_secs(3));
-    ensure!(!node.path("/run/drain-wait.rc").exists(), "drain --wait returned while the job ran");
+    ensure!(!node.path("/var/tmp/drain-wait.rc").exists(), "drain --wait returned while the job ran");
     let ended = Instant::now();
     end_job(&mut node)?;
     let deadline = Instant::now() + WAIT;
     let rc = loop {
-        if let Ok(rc) = std::fs::read_to_string(node.path("/run/drain-wait.rc")) {
+        if let Ok(rc) = std::fs::read_to_string(node.path("/var/tmp/drain-wait.rc")) {
             break rc;
         }
-        ensure!(Instant::now() < deadline, "drain --wait did not return within {WAIT:?} of the job's end");
+        if Instant::now() >= deadline {
+            let said = std::fs::read_to_string(node.path("/var/tmp/drain-wait.out")).unwrap_or_default();
+            let unit = node.exec(&["systemctl", "status", "--no-pager", "e2e-drain-wait"])?;
+            anyhow::bail!(
+                "drain --wait did not return within {WAIT:?} of the job's end; it said {said:?}; its unit:\n{}",
+                String::from_utf8_lossy(&unit.stdout)
+            );
+        }
         std::thread::sleep(POLL);
     };
     s.ms(NAME, "job ended to drain --wait exit", ended.elapsed());
-    let said = std::fs::read_to_string(node.path("/run/drain-wait.out")).unwrap_or_default();
+    let said = std::fs::read_to_string(node.path("/var/tmp/drain-wait.out")).unwrap_or_default();
     ensure!(rc.trim() == "0", "drain --wait exited {rc:?} after the job ended: {said}");
     ensure!(
         said.contains(&format!("waiting: GitLab job {JOB_ID}")) && said.contains("no job runs"),
