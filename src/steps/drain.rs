@@ -1,5 +1,5 @@
 //! Drain step: the `drain` check, failing while an operator has the node drained
-//! (src/drain.rs keeps the record).
+//! (src/system/drain.rs keeps the record).
 
 use anyhow::Result;
 

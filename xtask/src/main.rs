@@ -2,7 +2,7 @@
 
 mod harness;
 /// The agent's journal MESSAGE_IDs, the agent's own file (xtask does not depend on the agent).
-#[path = "../../src/message_ids.rs"]
+#[path = "../../src/system/message_ids.rs"]
 #[allow(dead_code)] // xtask looks for some of them only
 mod message_ids;
 mod render;

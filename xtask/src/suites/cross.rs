@@ -100,7 +100,7 @@ fn build_release_logged(target: &str, log: &Log) -> Result<PathBuf> {
 
 /// The unit tests' runner: qemu-user without `-L`. With `-L`, qemu serves every absolute
 /// path that also exists below the prefix from there, `/` included: the tests that walk from
-/// `/` one `openat` at a time (src/userfs.rs) would then walk /usr/aarch64-linux-gnu and find
+/// `/` one `openat` at a time (src/base/userfs.rs) would then walk /usr/aarch64-linux-gnu and find
 /// nothing. The test binaries name the sysroot's loader and libraries themselves instead
 /// ([`test_rustflags`]).
 fn runner() -> String {

@@ -174,7 +174,7 @@ fn dbus_late(s: &mut Suite) -> Result<()> {
     if ready_at - t > Duration::from_secs(5) {
         s.note(format!(
             "dbus-late: ready {:.1} s after D-Bus came back: the system-bus watcher does not wake the loop on \
-             reconnect, so the next pass waits for linger's backoff (src/watch.rs watch_system_bus)",
+             reconnect, so the next pass waits for linger's backoff (src/doors/watch.rs watch_system_bus)",
             (ready_at - t).as_secs_f64()
         ));
     }

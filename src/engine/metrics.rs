@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_in_the_operators_table() {
-        let docs = include_str!("../docs/metrics.md");
+        let docs = include_str!("../../docs/metrics.md");
         let text = Metrics::new().render();
         for name in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()) {
             assert!(docs.contains(&format!("`{name}")), "{name} is not in docs/metrics.md");

@@ -874,7 +874,7 @@ mod tests {
 
     #[test]
     fn shipped_config_file_documents_every_key_at_its_default() {
-        let text = include_str!("../ignition/config.toml");
+        let text = include_str!("../../ignition/config.toml");
         assert_eq!(merged(&[("ignition/config.toml", text)]).unwrap(), Settings::default());
         let shipped: toml::Table = text.parse().unwrap();
         let known: toml::Table = Settings::default().to_string().parse().unwrap();

@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn the_shipped_socket_unit_holds_the_default_port_for_the_service() {
-        let socket = unit_settings(include_str!("../systemd/executor-agent.socket"));
+        let socket = unit_settings(include_str!("../../systemd/executor-agent.socket"));
         let default = crate::config::Settings::default().http.listen;
         assert!(socket.contains(&("ListenStream", default.port().to_string().as_str())), "{socket:?}");
         // A dual-stack wildcard: the IPv4 wildcard of http.listen's default is covered.
@@ -243,7 +243,7 @@ mod tests {
             assert!(socket.contains(&setting), "{setting:?} missing: {socket:?}");
         }
         assert!(socket.contains(&("WantedBy", "sockets.target")));
-        let service = unit_settings(include_str!("../systemd/executor-agent.service"));
+        let service = unit_settings(include_str!("../../systemd/executor-agent.service"));
         for setting in [("Sockets", SOCKET_UNIT), ("Requires", SOCKET_UNIT), ("After", SOCKET_UNIT)] {
             assert!(service.contains(&setting), "{setting:?} missing: {service:?}");
         }
