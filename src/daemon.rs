@@ -66,10 +66,7 @@ async fn one_pass(
 
 /// The checks a canary round needs, and why it cannot run when one fails.
 fn canary_blocked_by(checks: &CheckSet) -> Option<String> {
-    const NEEDED: [&str; 3] =
-        [steps::linger::CHECK, steps::podman_socket::SOCKET_CHECK, steps::podman_socket::API_CHECK];
-    let failing: Vec<&str> =
-        checks.checks().iter().filter(|c| NEEDED.contains(&c.name) && !c.ok).map(|c| c.name).collect();
+    let failing = checks.failing_of(&[Step::Linger, Step::PodmanSocket]);
     (!failing.is_empty()).then(|| format!("waiting for {} to pass", failing.join(", ")))
 }
 
@@ -147,7 +144,7 @@ impl Reporter {
             notify(&[sd_notify::NotifyState::Status(&line)]);
             self.status_line = line;
         }
-        transitions.iter().any(|t| t.name != crate::canary::CHECK)
+        transitions.iter().any(|t| !Step::Canary.reports(t.name))
     }
 
     /// A finished canary round: journal, metrics, the check.
@@ -508,11 +505,7 @@ async fn main_loop(
                 first_pass_done = Some(Instant::now());
             }
             if let Some(api) = &ev.jobs_api {
-                let api_ok = reporter
-                    .checks
-                    .checks()
-                    .iter()
-                    .any(|c| c.name == steps::podman_socket::API_CHECK && c.ok);
+                let api_ok = reporter.checks.step_passes(Step::PodmanSocket);
                 reporter.jobs_seen(if api_ok { crate::jobs::running(api).await.ok() } else { None });
             }
             next_resync = Instant::now() + cx.settings.repair.resync_interval;
@@ -536,8 +529,7 @@ async fn main_loop(
             ev.files.arm(&watched_dirs(cx));
             ev.containers_conf.arm(&ev.containers_dirs);
             if cx.root.is_host() {
-                let manager_up =
-                    reporter.checks.checks().iter().any(|c| c.name == steps::linger::CHECK && c.ok);
+                let manager_up = reporter.checks.step_passes(Step::Linger);
                 if manager_up {
                     let units: Vec<&str> = ev.user_units.iter().map(String::as_str).collect();
                     ev.user_watch.ensure_running(&cx.user, &units, &ev.wake);
@@ -545,11 +537,8 @@ async fn main_loop(
             }
         }
         if !ready_sent {
-            let others_fail = reporter
-                .checks
-                .checks()
-                .iter()
-                .any(|c| c.required && !c.ok && c.name != crate::canary::CHECK);
+            let others_fail =
+                reporter.checks.checks().iter().any(|c| c.required && !c.ok && !Step::Canary.reports(c.name));
             let awaiting_canary =
                 runner.is_some_and(|r| !others_fail && r.unblocked() && r.subscribe().borrow().rounds == 0);
             if ready_to_announce(first_pass_done, awaiting_canary, ready_wait_limit) {

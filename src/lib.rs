@@ -21,4 +21,6 @@ pub use base::{fsutil, paths, text, userfs};
 pub use doors::{control, fleet_lock, http, listen, serve, spot, watch};
 pub use engine::{checks, metrics, pass};
 pub use formats::{config, idmap, podman_conf, subid};
-pub use system::{drain, http_client, identity, jobs, journal, message_ids, podman_api, runner_user, systemd, user_manager};
+pub use system::{
+    drain, http_client, identity, jobs, journal, message_ids, podman_api, runner_user, systemd, user_manager,
+};

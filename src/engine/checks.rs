@@ -88,6 +88,20 @@ pub struct CheckSet {
 }
 
 impl CheckSet {
+    /// Whether every check `step` reports passes now (a check not recorded yet does not).
+    pub fn step_passes(&self, step: crate::steps::Step) -> bool {
+        step.checks().all(|name| self.checks.iter().any(|c| c.name == name && c.ok))
+    }
+
+    /// The checks of `steps` that fail now, in the order shown.
+    pub fn failing_of(&self, steps: &[crate::steps::Step]) -> Vec<&'static str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok && steps.iter().any(|s| s.reports(c.name)))
+            .map(|c| c.name)
+            .collect()
+    }
+
     /// The core checks, not run yet, with their default policies.
     pub fn pending(now: SystemTime) -> Self {
         Self::pending_with(&CHECK_NAMES, default_policy, now)
@@ -285,6 +299,24 @@ mod tests {
         assert!(!set.ready());
         assert_eq!(set.record(pass(), t).len(), 1);
         assert!(set.ready());
+    }
+
+    #[test]
+    fn checks_are_asked_by_the_step_that_reports_them() {
+        use crate::steps::Step;
+        let mut set = CheckSet::pending(SystemTime::now());
+        assert!(!set.step_passes(Step::PodmanSocket), "pending is not passing");
+        set.record(
+            vec![
+                Observation::pass("linger", "on"),
+                Observation::pass("podman-socket", "listening"),
+                Observation::fail("podman-api", "no answer"),
+            ],
+            SystemTime::now(),
+        );
+        assert!(set.step_passes(Step::Linger));
+        assert!(!set.step_passes(Step::PodmanSocket), "one of its two checks fails");
+        assert_eq!(set.failing_of(&[Step::Linger, Step::PodmanSocket]), ["podman-api"]);
     }
 
     #[test]

@@ -212,6 +212,11 @@ impl Step {
         self.spec().checks.iter().map(|c| c.name)
     }
 
+    /// Whether `check` is one of this step's checks.
+    pub fn reports(self, check: &str) -> bool {
+        self.checks().any(|n| n == check)
+    }
+
     pub fn needs_live_system(self) -> bool {
         self.spec().needs_live_system
     }
