@@ -134,12 +134,7 @@ pub async fn main(cli: Cli) -> Result<ExitCode> {
 
 /// What runs on the node, for `check`; why not known otherwise (`--root`, no API).
 async fn current_jobs(cx: &Context) -> Result<crate::jobs::Jobs, String> {
-    if !cx.root.is_host() {
-        return Err("not asked with --root".into());
-    }
-    let api =
-        crate::podman_api::Client::new(steps::podman_socket::socket_path(cx), cx.settings.podman.api_timeout)
-            .with_expected_peer(cx.user.uid);
+    let api = daemon::jobs_api(cx).ok_or("not asked with --root")?;
     crate::jobs::running(&api).await.map_err(|e| journal::detail(&e))
 }
 

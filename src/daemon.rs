@@ -418,7 +418,7 @@ async fn start(
 }
 
 /// The runner user's Podman API, to list what runs (on the live node only).
-fn jobs_api(cx: &Context) -> Option<crate::podman_api::Client> {
+pub fn jobs_api(cx: &Context) -> Option<crate::podman_api::Client> {
     cx.root.is_host().then(|| {
         crate::podman_api::Client::new(steps::podman_socket::socket_path(cx), cx.settings.podman.api_timeout)
             .with_expected_peer(cx.user.uid)
