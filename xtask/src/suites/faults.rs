@@ -370,6 +370,7 @@ fn api_hanging(s: &mut Suite) -> Result<()> {
     let baseline = probe_latencies(&mut node, 500)?;
     let readyz = Prober::start(&mut node, "/readyz", PROBE_INTERVAL)?;
     let healthz = Prober::start(&mut node, "/healthz", Duration::from_millis(100))?;
+    let t0_us = node::monotonic_us();
     let t0 = Instant::now();
     // A request arriving at the socket right then (the canary's, a probe's) starts the service
     // again and cancels the stop job: stop until a stop job finishes.
@@ -382,28 +383,46 @@ fn api_hanging(s: &mut Suite) -> Result<()> {
         stopped = user_ctl(&mut node, &["stop", "podman.service"]);
     }
     stopped?;
+    // podman.service has KillMode=process: when the first API request made Podman re-exec
+    // itself into the user namespace, the stop ends the parent only, and the child keeps
+    // serving the listening socket it shares with the new service (podman#7021, #7180), so
+    // the API would still answer. Kill it, as a crash would have.
+    let _ = direct(&mut node, &["pkill", "-KILL", "-u", "core", "-f", "^/usr/bin/podman .*system service"]);
     let result = (|| {
         let down = readyz.wait(t0, false, Duration::from_secs(30)).context("/readyz never went 503")?;
-        // Through a few repair attempts, each waiting out the API timeout.
-        std::thread::sleep(Duration::from_secs(15));
+        // Until it says why: when the first failure was quick (the killed server cut a request
+        // short), the pass goes on through a repair that waits out the API timeout twice
+        // (before and after the restart) and an inspection that waits it out once more.
+        let hang_said = |d: &str| d.contains("podman-api") && d.contains("no answer within 5s");
+        let until = Instant::now() + Duration::from_secs(30);
+        while readyz.details_matching(hang_said).is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Then through a few more repair attempts, each waiting out the API timeout.
+        std::thread::sleep(Duration::from_secs(10));
         Ok::<_, anyhow::Error>(down)
     })();
     let said = readyz.details_matching(|d| d.contains("podman-api"));
     let latencies = readyz.latencies();
     let ready_history = readyz.stop();
     let health = healthz.stop();
-    let down = result.with_context(|| format!("/readyz history:{}", ready_history.text))?;
+    let down = match result {
+        Ok(down) => down,
+        Err(e) => {
+            let seen = diagnosis(&mut node, t0_us, &["podman.socket", "podman.service"]);
+            return Err(e.context(format!("/readyz history:{}\n{seen}", ready_history.text)));
+        }
+    };
     s.ms(NAME, "service hung to /readyz 503", down - t0);
     latency_figures(s, NAME, "/readyz latency, healthy node (baseline)", &baseline);
     s.ms(NAME, "/healthz latency during the hang: max", health.max_latency);
     s.fig(NAME, "/healthz answers other than 200 during the hang", health.not_ok.to_string());
     judge_latency(s, NAME, "/readyz latency during the hang", &latencies)?;
     ensure!(health.not_ok == 0, "/healthz was not 200 during the hang:{}", health.text);
-    ensure!(
-        said.iter().any(|d| d.contains("no answer within 5s")),
-        "readiness never said \"no answer within 5s\":\n  {}",
-        said.join("\n  ")
-    );
+    if !said.iter().any(|d| d.contains("no answer within 5s")) {
+        let seen = diagnosis(&mut node, t0_us, &["podman.socket", "podman.service"]);
+        bail!("readiness never said \"no answer within 5s\":\n  {}\n{seen}", said.join("\n  "));
+    }
     direct_ok(&mut node, &["rm", "-f", dropin])?;
     user_ctl(&mut node, &["daemon-reload"])?;
     let _ = user_ctl(&mut node, &["stop", "podman.service"]);
@@ -1345,6 +1364,55 @@ fn repair_retries(node: &mut Node, t0_us: u64, step: &str) -> Result<Vec<String>
         .filter(|e| e.id == REPAIR_FAILED && e.step == step)
         .filter_map(|e| e.message.rsplit("retrying in ").next().map(str::to_string))
         .collect())
+}
+
+/// What a failed case leaves to read: the agent's journal since `t0_us` (ms from then), the
+/// runner user's `units` and the processes of the agent and the user.
+fn diagnosis(node: &mut Node, t0_us: u64, units: &[&str]) -> String {
+    let mut text = String::from("  the agent's journal since the fault:\n");
+    match agent_journal(node, t0_us) {
+        Ok(entries) => {
+            for e in entries {
+                let at = (e.at_us - t0_us) / 1000;
+                text += &format!(
+                    "    +{at} ms {}{}\n",
+                    if e.step.is_empty() { String::new() } else { format!("[{}] ", e.step) },
+                    e.message
+                );
+            }
+        }
+        Err(e) => text += &format!("    (cannot read: {e:#})\n"),
+    }
+    for unit in units {
+        let mut args = vec!["show", unit];
+        args.extend([
+            "--property=ActiveState",
+            "--property=SubState",
+            "--property=Result",
+            "--property=MainPID",
+        ]);
+        match user_ctl(node, &args) {
+            Ok(props) => {
+                text += &format!("  {unit}: {}\n", props.split_whitespace().collect::<Vec<_>>().join(" "))
+            }
+            Err(e) => text += &format!("  {unit}: (cannot show: {e:#})\n"),
+        }
+    }
+    match direct_ok(node, &["ps", "-o", "pid,ppid,user,etime,args", "-u", "root,core"]) {
+        Ok(ps) => {
+            text += "  processes:\n";
+            for line in ps.lines().filter(|l| {
+                l.contains("executor-agent")
+                    || l.contains("podman")
+                    || l.contains("sleep")
+                    || l.contains("PID")
+            }) {
+                text += &format!("    {line}\n");
+            }
+        }
+        Err(e) => text += &format!("  processes: (cannot list: {e:#})\n"),
+    }
+    text
 }
 
 /// The agent's entries since `t0_us` (host CLOCK_MONOTONIC, which the node shares).
