@@ -197,7 +197,9 @@ impl Reporter {
 fn watched_dirs(cx: &Context) -> Vec<WatchedDir> {
     let names = |n: &[&str]| n.iter().map(Into::into).collect();
     vec![
-        WatchedDir { dir: cx.root.join("/etc"), names: names(&["subuid", "subgid"]) },
+        WatchedDir { dir: cx.root.join("/etc"), names: names(&["subuid", "subgid", "nologin"]) },
+        // `shutdown` writes /run/nologin; the `logins` check says it refuses the runner.
+        WatchedDir { dir: cx.root.join("/run"), names: names(&["nologin"]) },
         WatchedDir { dir: cx.root.join("/etc/sysctl.d"), names: vec![] },
         WatchedDir { dir: "/var/lib/systemd/linger".into(), names: names(&[cx.user.name.as_str()]) },
         WatchedDir { dir: cx.user.runtime_dir().join("podman"), names: names(&["podman.sock"]) },

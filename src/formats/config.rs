@@ -50,6 +50,7 @@ pub struct Settings {
     pub runner_privileges: RunnerPrivileges,
     pub spot: Spot,
     pub fleet_lock: FleetLock,
+    pub drain: DrainPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,6 +297,21 @@ impl Default for Spot {
             poll_interval: Duration::from_secs(5),
             imds_address: SocketAddr::from(([169, 254, 169, 254], 80)),
         }
+    }
+}
+
+/// What a drain does besides failing readiness.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainPolicy {
+    /// While drained, refuse new logins of every user but root with /etc/nologin (as
+    /// `shutdown` does): the runner's SSH connections, and so its acquire heartbeat, fail.
+    pub refuse_logins: bool,
+}
+
+impl Default for DrainPolicy {
+    fn default() -> Self {
+        DrainPolicy { refuse_logins: true }
     }
 }
 

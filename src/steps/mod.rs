@@ -6,6 +6,7 @@ pub mod drain;
 pub mod host_tools;
 pub mod id_mapping;
 pub mod linger;
+pub mod logins;
 pub mod podman_config;
 pub mod podman_socket;
 pub mod runner_privileges;
@@ -190,6 +191,7 @@ macro_rules! steps {
 // checks are to be shown.
 steps! {
     Drain => drain,
+    Logins => logins,
     SubIds => subids,
     Linger => linger,
     PodmanSocket => podman_socket,
@@ -301,6 +303,7 @@ mod tests {
             checks,
             [
                 "drain",
+                "logins",
                 "subuid",
                 "subgid",
                 "linger",
@@ -319,7 +322,7 @@ mod tests {
         );
         let advisory: Vec<_> = all_checks().filter(|c| c.advisory).map(|c| c.name).collect();
         assert_eq!(advisory, ["cgroup-delegation", "docker-cli", "runner-privileges"]);
-        assert_eq!(check_position("subgid"), 2);
+        assert_eq!(check_position("subgid"), 3);
         assert_eq!(check_position("no-such-check"), usize::MAX);
     }
 

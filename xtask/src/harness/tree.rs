@@ -93,6 +93,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "busybox-static",
+    // sshd for the manager's path (pam_nologin in its PAM account stack, as on FCOS).
+    "openssh-server",
 ];
 
 /// Bump when the customisation below changes, so cached trees are rebuilt.

@@ -469,7 +469,7 @@ fn pause_pid(node: &mut Node) -> Result<u32> {
     text.trim().parse().with_context(|| format!("pause.pid holds {text:?}"))
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

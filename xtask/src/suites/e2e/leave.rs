@@ -1,13 +1,16 @@
 //! End-to-end scenarios of a node leaving the fleet without killing a job: what runs is
 //! known (`check`, `/status`), `drain --wait` returns once no job runs, zincati's FleetLock
 //! grants a reboot only to root and only once idle, and an EC2 Spot interruption notice from
-//! a fake IMDS at 169.254.169.254 (inside the node's own network namespace) drains the node.
+//! a fake IMDS at 169.254.169.254 (inside the node's own network namespace) drains the node,
+//! and a drained node refuses the runner user's new SSH logins through the node's real sshd.
 //!
 //! A child module of `e2e` (suites/e2e/), so it shares the suite, the node helpers and the
 //! figures.
 
+use super::fleet::unix_now;
 use super::{Scenario, Suite, POLL};
 use crate::harness::node::{self, Node, PODMAN_SOCK};
+use crate::message_ids::NODE_CHANGED;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("leave: drain --wait returns once no job runs, names it at the timeout", drain_wait),
     ("leave: FleetLock lock only for root and only once no job runs", fleet_lock),
     ("leave: an EC2 Spot interruption notice drains the node", spot_notice),
+    ("leave: a drain refuses new SSH logins of the runner user, not open sessions or root", ssh_gate),
 ];
 
 /// The scenarios, chained after `e2e`'s own.
@@ -263,5 +267,199 @@ fn spot_notice(s: &mut Suite) -> Result<()> {
     node.wait_readyz(true, WAIT, POLL)?;
     let asked = *imds.asked.lock().unwrap();
     s.fig(NAME, "IMDS requests over the scenario", asked.to_string());
+    Ok(())
+}
+
+/// The client key of the SSH scenario, inside the node (root's).
+const SSH_KEY: &str = "/root/.ssh/e2e_ed25519";
+
+/// A key for root's client, authorized for core (the runner user) and for root.
+fn ssh_setup(node: &mut Node) -> Result<()> {
+    node.run(&[
+        "sh",
+        "-c",
+        &format!("mkdir -p -m 700 /root/.ssh && rm -f {SSH_KEY} {SSH_KEY}.pub && ssh-keygen -q -t ed25519 -N '' -f {SSH_KEY} && install -m 600 {SSH_KEY}.pub /root/.ssh/authorized_keys"),
+    ])?;
+    let public = std::fs::read_to_string(node.path(&format!("{SSH_KEY}.pub")))?;
+    // core's own file, written as core.
+    node.run_as_core(&format!(
+        "umask 077 && mkdir -p ~/.ssh && printf '%s\\n' '{}' >~/.ssh/authorized_keys",
+        public.trim()
+    ))?;
+    let deadline = Instant::now() + WAIT;
+    while !node.exec(&["systemctl", "is-active", "--quiet", "ssh.service"])?.status.success() {
+        ensure!(Instant::now() < deadline, "sshd (ssh.service) is not active on the node");
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// The client's arguments for a non-interactive session of `user` running `command`, like
+/// the runner's (`exit 0` is its acquire heartbeat).
+fn ssh_argv(user: &str, command: &str) -> Vec<String> {
+    [
+        "ssh",
+        "-i",
+        SSH_KEY,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        "LogLevel=ERROR",
+        &format!("{user}@127.0.0.1"),
+        command,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn ssh(node: &mut Node, user: &str, command: &str) -> Result<std::process::Output> {
+    let argv = ssh_argv(user, command);
+    node.exec(&argv.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Polls `ssh USER exit 0` until it succeeds (`ok`) or fails; returns the time and the last
+/// client stderr.
+fn wait_ssh(node: &mut Node, user: &str, ok: bool) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    loop {
+        let out = ssh(node, user, "exit 0")?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if out.status.success() == ok {
+            return Ok((t.elapsed(), stderr));
+        }
+        ensure!(
+            t.elapsed() < WAIT,
+            "ssh {user}@node `exit 0` still {} after {WAIT:?}: {stderr}",
+            if ok { "fails" } else { "succeeds" }
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+fn ssh_gate(s: &mut Suite) -> Result<()> {
+    const NAME: &str = "leave: SSH gate";
+    let mut node = s.ready_node(NAME)?;
+    ssh_setup(&mut node)?;
+    wait_ssh(&mut node, "core", true).context("core's SSH login before any drain")?;
+
+    // A session that is open when the drain comes: a running job's connection.
+    node.run(&[
+        "systemd-run",
+        "--unit=e2e-ssh-open",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "{} >/var/tmp/ssh-open.out 2>&1; echo $? >/var/tmp/ssh-open.rc",
+            ssh_argv("core", "echo started; sleep 6; echo still-here")
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    ])?;
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(node.path("/var/tmp/ssh-open.out")).unwrap_or_default().contains("started")
+    {
+        ensure!(Instant::now() < deadline, "the open SSH session never started");
+        std::thread::sleep(POLL);
+    }
+
+    let t0 = unix_now();
+    node.run(&["executor-agent", "drain", "--reason", "e2e: scale-in"])?;
+    let (refused_after, client_said) = wait_ssh(&mut node, "core", false)?;
+    s.ms(NAME, "drain to core's new SSH login refused", refused_after);
+    let nologin =
+        std::fs::read_to_string(node.path("/etc/nologin")).context("no /etc/nologin while drained")?;
+    ensure!(
+        nologin.contains("drained (e2e: scale-in)"),
+        "/etc/nologin does not give the reason: {nologin:?}"
+    );
+    let sshd =
+        node.run(&["journalctl", "--no-pager", "-o", "cat", "-u", "ssh.service", &format!("--since=@{t0}")])?;
+    ensure!(
+        sshd.contains("Access denied for user core by PAM account configuration"),
+        "sshd did not refuse core through PAM (pam_nologin); the client said {client_said:?}; sshd's journal:\n{sshd}"
+    );
+    if let Some(line) = sshd.lines().find(|l| l.contains("Access denied for user core")) {
+        eprintln!("    sshd: {line}");
+    }
+    // The operator's way in: pam_nologin never refuses root.
+    let root = ssh(&mut node, "root", "exit 0")?;
+    ensure!(
+        root.status.success(),
+        "root's SSH login was refused while drained: {}",
+        String::from_utf8_lossy(&root.stderr)
+    );
+    let (ready, json) = node.readyz()?;
+    ensure!(!ready, "drained, yet ready: {json}");
+    let logins = json["checks"].as_array().into_iter().flatten().find(|c| c["name"] == "logins").cloned();
+    ensure!(
+        logins.as_ref().is_some_and(
+            |c| c["ok"] == true && c["detail"].as_str().unwrap_or("").contains("refused while drained")
+        ),
+        "the logins check does not say logins are refused while drained: {logins:?}"
+    );
+
+    // The open session lives on to its end.
+    let deadline = Instant::now() + WAIT;
+    let rc = loop {
+        if let Ok(rc) = std::fs::read_to_string(node.path("/var/tmp/ssh-open.rc")) {
+            break rc;
+        }
+        ensure!(Instant::now() < deadline, "the open SSH session did not end");
+        std::thread::sleep(POLL);
+    };
+    let said = std::fs::read_to_string(node.path("/var/tmp/ssh-open.out")).unwrap_or_default();
+    ensure!(
+        rc.trim() == "0" && said.contains("still-here"),
+        "the session open before the drain was cut: exit {rc:?}, {said:?}"
+    );
+
+    let t = Instant::now();
+    node.run(&["executor-agent", "undrain"])?;
+    let (allowed_after, _) = wait_ssh(&mut node, "core", true)?;
+    s.ms(NAME, "undrain to core's SSH login allowed", allowed_after);
+    ensure!(!node.path("/etc/nologin").exists(), "/etc/nologin left after undrain");
+    node.wait_readyz(true, WAIT, POLL)?;
+    s.ms(NAME, "undrain to /readyz 200", t.elapsed());
+    let journal = node.run(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        &format!("MESSAGE_ID={NODE_CHANGED}"),
+        &format!("--since=@{t0}"),
+    ])?;
+    for change in ["wrote /etc/nologin", "removed /etc/nologin"] {
+        ensure!(journal.contains(change), "no NODE_CHANGED `{change}` in the journal:\n{journal}");
+    }
+
+    // Someone else's nologin (`shutdown +5` writes /run/nologin): the runner cannot log in,
+    // so the node is not ready, and the file is left alone.
+    let t = Instant::now();
+    node.run(&["sh", "-c", "echo 'The system is going down for maintenance' >/run/nologin"])?;
+    let (_, json) = node.wait_readyz(false, WAIT, POLL)?;
+    s.ms(NAME, "/run/nologin written to /readyz 503", t.elapsed());
+    ensure!(
+        json.to_string().contains("/run/nologin refuses the logins of every user but root"),
+        "readiness does not name /run/nologin: {json}"
+    );
+    wait_ssh(&mut node, "core", false).context("core's login with /run/nologin")?;
+    let metrics = node.http_get(node::AGENT_PORT, "/metrics")?.1;
+    ensure!(metrics.contains(r#"executor_agent_check_ok{check="logins",required="true"} 0"#), "{metrics}");
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(node.run(&["cat", "/run/nologin"])?.contains("going down"), "the agent touched /run/nologin");
+    let t = Instant::now();
+    node.run(&["rm", "/run/nologin"])?;
+    node.wait_readyz(true, WAIT, POLL)?;
+    s.ms(NAME, "/run/nologin removed to /readyz 200", t.elapsed());
     Ok(())
 }
