@@ -9,6 +9,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::checks::{CheckSet, Observation};
 use crate::control::{self, ControlState};
+use crate::engine::eviction::{Conditions, Countdown, Hold, Verdict};
 use crate::http::{self, AppState, Snapshot};
 use crate::identity;
 use crate::journal;
@@ -434,6 +435,113 @@ fn ready_to_announce(first_pass_done: Option<Instant>, awaiting_canary: bool, wa
     first_pass_done.is_some_and(|done| !awaiting_canary || done.elapsed() > wait_limit)
 }
 
+/// Self-eviction's turn (opt-in): the conditions as the latest pass left them, the verdict,
+/// and what is said (journal, metrics) or done about it.
+async fn self_eviction_turn(
+    cx: &Context,
+    countdown: &mut Countdown,
+    last: &mut Option<Verdict>,
+    reporter: &Reporter,
+) {
+    use crate::system::eviction as record;
+    let settings = &cx.settings.self_eviction;
+    let ready = reporter.checks.ready();
+    let evicted_before = match record::recorded(&cx.root) {
+        Ok(found) => found,
+        Err(e) => Some(record::Record {
+            at: "an unknown time".into(),
+            reason: crate::journal::detail(&e),
+            action: String::new(),
+        }),
+    };
+    if ready && evicted_before.is_some() {
+        match record::forget(&cx.root) {
+            Ok(_) => tracing::info!(
+                message_id = journal::SELF_EVICTION,
+                "ready again since the self-eviction: a later one may end the node again"
+            ),
+            Err(e) => tracing::warn!("error: forgetting the self-eviction -> {}", journal::chain(&e)),
+        }
+    }
+    // While the API cannot be asked, a container monitor of the user's tells that something runs.
+    let jobs_running = match &reporter.jobs {
+        Some(jobs) => Some(jobs.any()),
+        None => crate::jobs::container_monitors(cx.user.uid).ok().map(|n| n > 0),
+    };
+    let conditions = Conditions {
+        ready,
+        jobs_running,
+        drained: !matches!(crate::drain::current(&cx.root), Ok(None)),
+        evicted_before: evicted_before.is_some() && !ready,
+    };
+    let was_pending = countdown.pending();
+    let verdict = countdown.observe(Instant::now(), &conditions, settings.after);
+    let action = crate::system::eviction::describe(&settings.command);
+    let after = humantime::format_duration(settings.after);
+    match verdict {
+        Verdict::Pending { due, started: true } => {
+            let due_unix = SystemTime::now() + due.saturating_duration_since(Instant::now());
+            let due_unix = due_unix.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            tracing::warn!(
+                message_id = journal::SELF_EVICTION,
+                "not ready with no job running and no drain: the node ends itself in {after} ({action}) unless it \
+                 recovers: {}",
+                reporter.status_line
+            );
+            reporter.metrics.self_eviction(Some(due_unix));
+        }
+        Verdict::Pending { .. } => {}
+        Verdict::Ready | Verdict::Held(_) if was_pending => {
+            let why = match verdict {
+                Verdict::Held(hold) => hold.describe(),
+                _ => "the node is ready",
+            };
+            tracing::info!(message_id = journal::SELF_EVICTION, "self-eviction called off: {why}");
+            reporter.metrics.self_eviction(None);
+        }
+        Verdict::Held(Hold::EvictedBefore) if *last != Some(verdict) => {
+            if let Some(before) = &evicted_before {
+                tracing::warn!(
+                    message_id = journal::SELF_EVICTION,
+                    "not ending the node again: it ended itself at {} ({}) and has not been ready since",
+                    before.at,
+                    before.reason
+                );
+            }
+        }
+        Verdict::Ready | Verdict::Held(_) => {}
+        Verdict::Act => {
+            reporter.metrics.self_eviction(None);
+            let reason = reporter.status_line.clone();
+            // Written first: the node that comes back must find it, or it could loop.
+            if let Err(e) = record::record(&cx.root, &reason, &action) {
+                tracing::error!(
+                    message_id = journal::SELF_EVICTION,
+                    "error: not ending the node: the record that prevents a loop cannot be written -> {}",
+                    journal::chain(&e)
+                );
+            } else {
+                tracing::error!(
+                    message_id = journal::SELF_EVICTION,
+                    "ending the node ({action}): not ready for {after} with no job running and no drain, repairs did \
+                     not help: {reason}"
+                );
+                let status =
+                    crate::text::one_line(&format!("ending the node (self-eviction): {reason}"), 300);
+                notify(&[sd_notify::NotifyState::Status(&status)]);
+                if let Err(e) = record::act(&cx.system_bus, &settings.command).await {
+                    tracing::error!(
+                        message_id = journal::SELF_EVICTION,
+                        "error: self-eviction -> {}",
+                        journal::chain(&e)
+                    );
+                }
+            }
+        }
+    }
+    *last = Some(verdict);
+}
+
 /// The loop: a pass when woken, when a retry or the resync is due; canary rounds as they come;
 /// READY=1 once; a heartbeat for the watchdog and /healthz each turn. Ends at SIGTERM/SIGINT.
 async fn main_loop(
@@ -450,6 +558,9 @@ async fn main_loop(
     // READY=1 waits for the first canary round, within its bounds.
     let ready_wait_limit = cx.settings.canary.timeout + Duration::from_secs(25);
     let mut next_resync = Instant::now();
+    let mut countdown = Countdown::default();
+    let mut last_verdict = None;
+    let evicts = cx.settings.self_eviction.enabled && cx.root.is_host();
     loop {
         let now = Instant::now();
         let pass_due = next_pass_due(now, next_resync, reporter.checks.ready(), backoff.values());
@@ -554,6 +665,9 @@ async fn main_loop(
                 notify(&[sd_notify::NotifyState::Ready]);
                 ready_sent = true;
             }
+        }
+        if evicts && first_pass_done.is_some() {
+            self_eviction_turn(cx, &mut countdown, &mut last_verdict, &reporter).await;
         }
         reporter.heartbeat();
     }

@@ -2,5 +2,6 @@
 //! check results (policies, flap damping, readiness, the status line) and the metrics.
 
 pub mod checks;
+pub mod eviction;
 pub mod metrics;
 pub mod pass;

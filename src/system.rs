@@ -3,6 +3,7 @@
 //! Afterburn's identity, the drain record, and what runs on the node.
 
 pub mod drain;
+pub mod eviction;
 pub mod http_client;
 pub mod identity;
 pub mod jobs;

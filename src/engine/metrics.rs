@@ -56,6 +56,8 @@ pub struct Metrics {
     canary_round_seconds: Histogram,
     job_containers: Gauge,
     jobs_known: Gauge,
+    self_eviction_pending: Gauge,
+    self_eviction_due: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,6 +128,18 @@ impl Metrics {
             "1 when the agent could list the runner user's containers at its latest pass",
             jobs_known.clone(),
         );
+        let self_eviction_pending = Gauge::default();
+        registry.register(
+            "self_eviction_pending",
+            "1 while the node counts down to ending itself (self_eviction: not ready, idle, not drained)",
+            self_eviction_pending.clone(),
+        );
+        let self_eviction_due = Gauge::default();
+        registry.register(
+            "self_eviction_due_timestamp_seconds",
+            "When the node will end itself unless it recovers (Unix time); 0 when it will not",
+            self_eviction_due.clone(),
+        );
         Metrics {
             registry,
             check_ok,
@@ -140,7 +154,15 @@ impl Metrics {
             canary_round_seconds,
             job_containers,
             jobs_known,
+            self_eviction_pending,
+            self_eviction_due,
         }
+    }
+
+    /// Self-eviction's countdown: when it will act (Unix seconds), or `None`.
+    pub fn self_eviction(&self, due_unix: Option<u64>) {
+        self.self_eviction_pending.set(i64::from(due_unix.is_some()));
+        self.self_eviction_due.set(due_unix.map_or(0, |t| t as i64));
     }
 
     /// What runs on the node, as of the latest pass (`None`: the API could not be asked).

@@ -51,6 +51,7 @@ pub struct Settings {
     pub spot: Spot,
     pub fleet_lock: FleetLock,
     pub drain: DrainPolicy,
+    pub self_eviction: SelfEviction,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -313,6 +314,54 @@ impl Default for DrainPolicy {
     fn default() -> Self {
         DrainPolicy { refuse_logins: true }
     }
+}
+
+/// Opt-in: a node that stays not ready with nothing running ends itself, so the autoscaler
+/// replaces it ("instance unexpectedly removed") instead of sending it jobs that fail.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelfEviction {
+    pub enabled: bool,
+    /// How long the node must stay not ready, with no job running and no drain, before it acts
+    /// (announced in the journal and metrics when the wait starts).
+    #[serde(serialize_with = "duration::serialize", deserialize_with = "at_least_ten_seconds")]
+    pub after: Duration,
+    /// What it does: empty powers the node off through systemd (`poweroff.target`), otherwise
+    /// this command (an absolute path, then its arguments), e.g. one that marks the instance
+    /// unhealthy in its auto scaling group.
+    #[serde(deserialize_with = "command")]
+    pub command: Vec<String>,
+}
+
+impl Default for SelfEviction {
+    fn default() -> Self {
+        SelfEviction { enabled: false, after: Duration::from_secs(30 * 60), command: Vec::new() }
+    }
+}
+
+fn at_least_ten_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let after = duration::deserialize(d)?;
+    if after < Duration::from_secs(10) {
+        return Err(D::Error::custom(format!(
+            "{} is too short: at least 10s",
+            humantime::format_duration(after)
+        )));
+    }
+    Ok(after)
+}
+
+/// A command line: empty, or an absolute program path followed by its arguments.
+fn command<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let argv = Vec::<String>::deserialize(d)?;
+    if let Some(program) = argv.first() {
+        if !program.starts_with('/') {
+            return Err(D::Error::custom(format!("{program:?} is not an absolute path")));
+        }
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(D::Error::custom("an argument contains NUL"));
+    }
+    Ok(argv)
 }
 
 /// zincati's FleetLock protocol, served for this node's own zincati.
@@ -815,6 +864,9 @@ mod tests {
             ("[spot]\npoll_interval = \"100ms\"\n", "spot.poll_interval", 2),
             ("[spot]\nimds_address = \"imds\"\n", "spot.imds_address", 2),
             ("[fleet_lock]\nlisten = \"0.0.0.0:9740\"\n", "fleet_lock.listen", 2),
+            ("[self_eviction]\nafter = \"5s\"\n", "self_eviction.after", 2),
+            ("[self_eviction]\ncommand = [\"poweroff\"]\n", "self_eviction.command", 2),
+            ("[drain]\nrefuse_logins = \"no\"\n", "drain.refuse_logins", 2),
             ("[runner_privileges]\nmask_docker = \"yes\"\n", "runner_privileges.mask_docker", 2),
             ("[podman_config]\nstorage_driver = \"aufs\"\n", "podman_config.storage_driver", 2),
             ("[podman_config]\nnetwork_cmd = \"bridge\"\n", "podman_config.network_cmd", 2),

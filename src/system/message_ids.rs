@@ -15,6 +15,8 @@ pub const CHECK_CHANGED: &str = "294e56242497461cb3c65a2cfb09df88";
 pub const CANARY_FAILED: &str = "44e9bec21edf42c7862c3c56b9318309";
 /// The agent started (with its effective configuration) or is stopping.
 pub const AGENT_LIFECYCLE: &str = "d3954dc3203c47b8867f25f26914f130";
+/// Self-eviction: the wait started or was called off, or the node is ending itself.
+pub const SELF_EVICTION: &str = "823da024ff1a4797951921758010347f";
 
 #[cfg(test)]
 mod tests {
@@ -29,9 +31,14 @@ mod tests {
             super::CHECK_CHANGED,
             super::CANARY_FAILED,
             super::AGENT_LIFECYCLE,
+            super::SELF_EVICTION,
         ];
         for id in ids {
             assert!(id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')), "{id}");
+        }
+        let readme = include_str!("../../README.md");
+        for id in ids {
+            assert!(readme.contains(&format!("| `{id}` |")), "README.md's MESSAGE_ID table lacks {id}");
         }
         let mut sorted = ids.to_vec();
         sorted.sort();

@@ -11,7 +11,7 @@ use crate::harness::host;
 use crate::harness::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
 use crate::harness::probe::{failing_checks, Prober};
 use crate::harness::tree::Os;
-use crate::message_ids::{CHECK_CHANGED, NODE_CHANGED, REPAIR_FAILED};
+use crate::message_ids::{CHECK_CHANGED, NODE_CHANGED, REPAIR_FAILED, SELF_EVICTION};
 use crate::render::butane::{File, NodeFields, Resource};
 use crate::render::ignition::Extras;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -96,6 +96,11 @@ const CASES: &[(&str, &str, Case)] = &[
         hardened_unit,
     ),
     ("load", "60 s of wrk on /readyz: no error, memory flat, drift repaired in the usual time", load),
+    (
+        "self-eviction",
+        "not ready for good: held while a job runs or drained, then powers off; never twice",
+        self_eviction,
+    ),
 ];
 
 const USAGE: &str = "usage: cargo xtask faults [--list | [--os bookworm|trixie|all] CASE...]";
@@ -429,6 +434,104 @@ fn api_hanging(s: &mut Suite) -> Result<()> {
     let t1 = Instant::now();
     let (ready_at, _) = node.wait_readyz(true, Duration::from_secs(90), POLL)?;
     s.ms(NAME, "drop-in removed to /readyz 200", ready_at - t1);
+    Ok(())
+}
+
+// ---- self-eviction ----
+
+/// Where the case's self-eviction settings go.
+const EVICTION_CONFIG: &str = "/etc/executor-agent/config.d/50-evict.toml";
+const EVICTION_AFTER: Duration = Duration::from_secs(10);
+const EVICTION_RECORD: &str = "/var/lib/executor-agent/self-eviction.json";
+
+/// The agent's SELF_EVICTION messages since `t0_us`.
+fn eviction_messages(node: &mut Node, t0_us: u64) -> Result<Vec<String>> {
+    Ok(agent_journal(node, t0_us)?.into_iter().filter(|e| e.id == SELF_EVICTION).map(|e| e.message).collect())
+}
+
+fn eviction_pending(node: &mut Node) -> Result<bool> {
+    let (_, metrics) = node.http_get(AGENT_PORT, "/metrics")?;
+    Ok(metrics.lines().any(|l| l == "executor_agent_self_eviction_pending 1"))
+}
+
+/// Waits out more than the countdown (a tick late at most) and asserts the node stays up and
+/// counts nothing down.
+fn stays_up(node: &mut Node, t0_us: u64, why: &str) -> Result<()> {
+    let until = Instant::now() + EVICTION_AFTER + Duration::from_secs(8);
+    while Instant::now() < until {
+        ensure!(node.is_running(), "the node ended itself while {why}: {:?}", eviction_messages(node, t0_us));
+        ensure!(!eviction_pending(node)?, "a self-eviction countdown runs while {why}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+fn self_eviction(s: &mut Suite) -> Result<()> {
+    const NAME: &str = "self-eviction";
+    let extras = Extras {
+        files: vec![file(EVICTION_CONFIG, "[self_eviction]\nenabled = true\nafter = \"10s\"\n")],
+        ..Extras::default()
+    };
+    let mut node = s.ready_node(NAME, &extras)?;
+    node::import_test_image(&mut node)?;
+    node.run_as_core(
+        "podman run -d --name job --label com.gitlab.gitlab-runner.job.id=4242 localhost/busybox sleep 600 >/dev/null",
+    )?;
+    // A fault no repair can mend: a configuration the kernel would refuse.
+    host::write(node.path(BAD_CONFIG), "[sysctl]\nunprivileged_port_start = 40000\n")?;
+    let t0_us = node::monotonic_us();
+    restart_agent(&mut node)?;
+    wait_failing(&mut node, "unprivileged-ports", "ip_local_port_range", Duration::from_secs(60))?;
+    stays_up(&mut node, t0_us, "a job runs")?;
+    direct_ok(&mut node, &["executor-agent", "drain", "--reason", "faults: held by a drain"])?;
+    node.run_as_core("podman rm -f -t 0 job >/dev/null")?;
+    stays_up(&mut node, t0_us, "drained")?;
+
+    let t_undrain = Instant::now();
+    direct_ok(&mut node, &["executor-agent", "undrain"])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut announced = None;
+    let mut pending_seen = false;
+    while node.is_running() {
+        if announced.is_none() {
+            let said = eviction_messages(&mut node, t0_us).unwrap_or_default();
+            if let Some(m) = said.iter().find(|m| m.contains("ends itself in 10s")) {
+                announced = Some((t_undrain.elapsed(), m.clone()));
+            }
+        }
+        pending_seen |= eviction_pending(&mut node).unwrap_or(false);
+        ensure!(Instant::now() < deadline + EVICTION_AFTER, "the idle, broken node did not end itself");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (announced_after, announcement) =
+        announced.context("the countdown was never announced in the journal")?;
+    ensure!(pending_seen, "executor_agent_self_eviction_pending was never 1 during the countdown");
+    s.ms(NAME, "undrain to the countdown announced", announced_after);
+    s.ms(NAME, "undrain to the node powered off (after = 10s)", t_undrain.elapsed());
+    eprintln!("    journal: {announcement}");
+    let record = std::fs::read_to_string(node.path(EVICTION_RECORD)).context("no self-eviction record")?;
+    ensure!(record.contains("unprivileged-ports"), "the record does not give the reason: {record}");
+
+    // Back up, still broken: it must stay up and say why.
+    node.boot(false)?;
+    node.wait_systemd(Duration::from_secs(60))?;
+    let t1_us = node.boot_started_us;
+    wait_failing(&mut node, "unprivileged-ports", "ip_local_port_range", Duration::from_secs(60))?;
+    stays_up(&mut node, t1_us, "it had ended itself once and was not ready since")?;
+    let said = eviction_messages(&mut node, t1_us)?;
+    ensure!(
+        said.iter().any(|m| m.contains("not ending the node again")),
+        "the second boot did not say why it stays up: {said:?}"
+    );
+    // Mended: ready, and the record is forgotten.
+    std::fs::remove_file(node.path(BAD_CONFIG))?;
+    restart_agent(&mut node)?;
+    node.wait_readyz(true, Duration::from_secs(60), POLL)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.path(EVICTION_RECORD).exists() {
+        ensure!(Instant::now() < deadline, "the record was kept after the node was ready");
+        std::thread::sleep(POLL);
+    }
     Ok(())
 }
 
