@@ -569,7 +569,9 @@ async fn main_loop(
                 tokio::time::sleep(COALESCE).await;
                 true
             }
-            _ = tokio::time::sleep_until(pass_due.min(now + TICK).into()) => false,
+            _ = tokio::time::sleep_until(
+                pass_due.min(now + TICK).min(countdown.due(cx.settings.self_eviction.after).unwrap_or(pass_due)).into()
+            ) => false,
             Some(Ok(())) = async {
                 match ev.canary_rounds.as_mut() {
                     Some(rx) => Some(rx.changed().await),

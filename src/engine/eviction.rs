@@ -64,6 +64,11 @@ impl Countdown {
         self.since.is_some() && !self.acted
     }
 
+    /// When the wait ends, while one goes on (the loop wakes then).
+    pub fn due(&self, after: Duration) -> Option<Instant> {
+        self.since.filter(|_| !self.acted).map(|since| since + after)
+    }
+
     pub fn observe(&mut self, now: Instant, c: &Conditions, after: Duration) -> Verdict {
         let hold = if c.ready {
             None
@@ -115,6 +120,7 @@ mod tests {
         let mut c = Countdown::default();
         let due = t0 + AFTER;
         assert_eq!(c.observe(t0, &broken_idle(), AFTER), Verdict::Pending { due, started: true });
+        assert_eq!(c.due(AFTER), Some(due));
         assert_eq!(
             c.observe(t0 + AFTER / 2, &broken_idle(), AFTER),
             Verdict::Pending { due, started: false }

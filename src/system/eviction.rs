@@ -74,7 +74,7 @@ pub fn forget(root: &Root) -> Result<bool> {
 /// What `act` will do, for the journal and the record.
 pub fn describe(command: &[String]) -> String {
     if command.is_empty() {
-        "power off (systemd poweroff.target)".into()
+        "power off through systemd's poweroff.target".into()
     } else {
         format!("run {}", command.join(" "))
     }

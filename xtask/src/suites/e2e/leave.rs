@@ -121,6 +121,7 @@ fn fleet_lock_call(path: &str) -> String {
 fn fleet_lock(s: &mut Suite) -> Result<()> {
     const NAME: &str = "leave: FleetLock";
     let mut node = s.ready_node(NAME)?;
+    let since = unix_now();
     start_job(&mut node)?;
 
     let as_core = node.run_as_core(&fleet_lock_call("/v1/pre-reboot"))?;
@@ -144,6 +145,8 @@ fn fleet_lock(s: &mut Suite) -> Result<()> {
     let held = std::fs::read_to_string(node.path("/var/lib/executor-agent/fleet-lock.json"))
         .context("the lock was granted but not recorded")?;
     ensure!(held.contains("e2e-node"), "{held}");
+    let metrics = node.http_get(node::AGENT_PORT, "/metrics")?.1;
+    ensure!(metrics.contains(r#"executor_agent_check_ok{check="drain",required="true"} 0"#), "{metrics}");
 
     node.run(&["systemctl", "restart", "executor-agent"])?;
     std::thread::sleep(Duration::from_secs(1));
@@ -153,6 +156,16 @@ fn fleet_lock(s: &mut Suite) -> Result<()> {
     node.wait_readyz(true, WAIT, POLL)?;
     s.ms(NAME, "steady-state to /readyz 200 (undrained)", t.elapsed());
     ensure!(!node.path("/var/lib/executor-agent/fleet-lock.json").exists(), "the lock was not released");
+    journal_says(
+        &mut node,
+        since,
+        &[
+            "drained: OS update: zincati asks to reboot",
+            "reboot lock granted to e2e-node: no job runs",
+            "reboot lock released by e2e-node",
+            "undrained: the update is done",
+        ],
+    )?;
     Ok(())
 }
 
@@ -235,6 +248,7 @@ fn answer(
 fn spot_notice(s: &mut Suite) -> Result<()> {
     const NAME: &str = "leave: Spot notice";
     let mut node = s.ready_node(NAME)?;
+    let since = unix_now();
     let imds = FakeImds::start(&mut node)?;
     // Afterburn's attributes say EC2; the agent reads them at each pass.
     node.run(&[
@@ -263,10 +277,36 @@ fn spot_notice(s: &mut Suite) -> Result<()> {
     );
     let metrics = node.http_get(node::AGENT_PORT, "/metrics")?.1;
     ensure!(metrics.contains(r#"executor_agent_check_ok{check="drain",required="true"} 0"#), "{metrics}");
+    journal_says(
+        &mut node,
+        since,
+        &["EC2 Spot interruption notice: terminate at 2026-12-01T17:02:00Z: drained"],
+    )?;
     node.run(&["executor-agent", "undrain"])?;
     node.wait_readyz(true, WAIT, POLL)?;
     let asked = *imds.asked.lock().unwrap();
     s.fig(NAME, "IMDS requests over the scenario", asked.to_string());
+    Ok(())
+}
+
+/// The agent's NODE_CHANGED messages since `since` (Unix seconds), one per line.
+fn changes_since(node: &mut Node, since: u64) -> Result<String> {
+    node.run(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        &format!("MESSAGE_ID={NODE_CHANGED}"),
+        &format!("--since=@{since}"),
+    ])
+}
+
+/// Fails unless each of `wanted` is in one of the agent's NODE_CHANGED messages since `since`.
+fn journal_says(node: &mut Node, since: u64, wanted: &[&str]) -> Result<()> {
+    let journal = changes_since(node, since)?;
+    for w in wanted {
+        ensure!(journal.contains(w), "no NODE_CHANGED entry saying {w:?} in the journal:\n{journal}");
+    }
     Ok(())
 }
 
@@ -430,17 +470,11 @@ fn ssh_gate(s: &mut Suite) -> Result<()> {
     ensure!(!node.path("/etc/nologin").exists(), "/etc/nologin left after undrain");
     node.wait_readyz(true, WAIT, POLL)?;
     s.ms(NAME, "undrain to /readyz 200", t.elapsed());
-    let journal = node.run(&[
-        "journalctl",
-        "--no-pager",
-        "-o",
-        "cat",
-        &format!("MESSAGE_ID={NODE_CHANGED}"),
-        &format!("--since=@{t0}"),
-    ])?;
-    for change in ["wrote /etc/nologin", "removed /etc/nologin"] {
-        ensure!(journal.contains(change), "no NODE_CHANGED `{change}` in the journal:\n{journal}");
-    }
+    journal_says(
+        &mut node,
+        t0,
+        &["drained: e2e: scale-in", "wrote /etc/nologin", "undrained", "removed /etc/nologin"],
+    )?;
 
     // Someone else's nologin (`shutdown +5` writes /run/nologin): the runner cannot log in,
     // so the node is not ready, and the file is left alone.
