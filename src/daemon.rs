@@ -463,14 +463,11 @@ async fn self_eviction_turn(
             Err(e) => tracing::warn!("error: forgetting the self-eviction -> {}", journal::chain(&e)),
         }
     }
-    // While the API cannot be asked, a container monitor of the user's tells that something runs.
-    let jobs_running = match &reporter.jobs {
-        Some(jobs) => Some(jobs.any()),
-        None => crate::jobs::container_monitors(cx.user.uid).ok().map(|n| n > 0),
-    };
+    // Unknown while the API cannot be asked: containers outlive their API service, and the
+    // hardened unit cannot see the runner user's processes (ProtectProc=invisible).
     let conditions = Conditions {
         ready,
-        jobs_running,
+        jobs_running: reporter.jobs.as_ref().map(|jobs| jobs.any()),
         drained: !matches!(crate::drain::current(&cx.root), Ok(None)),
         evicted_before: evicted_before.is_some() && !ready,
     };

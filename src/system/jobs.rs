@@ -75,23 +75,6 @@ pub async fn running(api: &Client) -> Result<Jobs> {
     Ok(Jobs::from_containers(&api.list_running_containers().await?))
 }
 
-/// How many container monitors (`conmon`) of `uid` run, from /proc: what is known of running
-/// containers while the API cannot be asked. The names are the user's to choose, so a process
-/// named `conmon` can only make this count higher (hold a self-eviction), never hide one.
-pub fn container_monitors(uid: u32) -> Result<usize> {
-    let mut count = 0;
-    for process in procfs::process::all_processes()? {
-        let Ok(process) = process else { continue };
-        if process.uid().ok() != Some(uid) {
-            continue;
-        }
-        if process.stat().is_ok_and(|stat| stat.comm == "conmon") {
-            count += 1;
-        }
-    }
-    Ok(count)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

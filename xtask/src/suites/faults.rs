@@ -98,7 +98,7 @@ const CASES: &[(&str, &str, Case)] = &[
     ("load", "60 s of wrk on /readyz: no error, memory flat, drift repaired in the usual time", load),
     (
         "self-eviction",
-        "not ready for good: held while a job runs or drained, then powers off; never twice",
+        "not ready for good: held while a job runs, drained or jobs unknown, then powers off; never twice",
         self_eviction,
     ),
 ];
@@ -486,6 +486,18 @@ fn self_eviction(s: &mut Suite) -> Result<()> {
     direct_ok(&mut node, &["executor-agent", "drain", "--reason", "faults: held by a drain"])?;
     node.run_as_core("podman rm -f -t 0 job >/dev/null")?;
     stays_up(&mut node, t0_us, "drained")?;
+    // No API to ask what runs: unknown is never idle.
+    user_ctl(&mut node, &["mask", "--now", "podman.socket"])?;
+    wait_failing(&mut node, "podman-socket", "masked", Duration::from_secs(30))?;
+    direct_ok(&mut node, &["executor-agent", "undrain"])?;
+    stays_up(&mut node, t0_us, "the Podman API could not be asked what runs")?;
+    direct_ok(&mut node, &["executor-agent", "drain", "--reason", "faults: held by a drain"])?;
+    user_ctl(&mut node, &["unmask", "podman.socket"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !curl_podman(&mut node)?.contains("OK") {
+        ensure!(Instant::now() < deadline, "the agent did not bring podman.socket back after the unmask");
+        std::thread::sleep(POLL);
+    }
 
     let t_undrain = Instant::now();
     direct_ok(&mut node, &["executor-agent", "undrain"])?;
