@@ -468,7 +468,10 @@ async fn self_eviction_turn(
     let conditions = Conditions {
         ready,
         jobs_running: reporter.jobs.as_ref().map(|jobs| jobs.any()),
-        drained: !matches!(crate::drain::current(&cx.root), Ok(None)),
+        // The record and the check both: a turn between an undrain and the pass that sees it
+        // would announce a wait whose reason still names the drain.
+        drained: !matches!(crate::drain::current(&cx.root), Ok(None))
+            || !reporter.checks.step_passes(Step::Drain),
         evicted_before: evicted_before.is_some() && !ready,
     };
     let was_pending = countdown.pending();
