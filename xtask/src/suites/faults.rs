@@ -501,7 +501,9 @@ fn self_eviction(s: &mut Suite) -> Result<()> {
 
     let t_undrain = Instant::now();
     direct_ok(&mut node, &["executor-agent", "undrain"])?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // What runs can stay unknown for a pass after the API came back, and the next pass may be
+    // the resync (30 s): the countdown starts then.
+    let deadline = Instant::now() + Duration::from_secs(45);
     let mut announced = None;
     let mut pending_seen = false;
     while node.is_running() {
