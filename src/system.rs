@@ -11,5 +11,6 @@ pub mod journal;
 pub mod message_ids;
 pub mod podman_api;
 pub mod runner_user;
+pub mod state_file;
 pub mod systemd;
 pub mod user_manager;

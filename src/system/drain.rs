@@ -6,7 +6,6 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use crate::fsutil;
 use crate::paths::Root;
 
 /// The agent's state directory (systemd `StateDirectory=executor-agent`).
@@ -29,15 +28,7 @@ pub fn state_file(root: &Root) -> PathBuf {
 /// The current drain, if any. An unreadable state file counts as drained: never make a
 /// node ready by accident.
 pub fn current(root: &Root) -> Result<Option<Drain>> {
-    let path = state_file(root);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a drain record", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    crate::system::state_file::read(&state_file(root), "a drain record")
 }
 
 /// Marks the node drained (replacing an earlier reason).
@@ -47,14 +38,7 @@ pub fn drain(root: &Root, reason: &str, by: &str) -> Result<Drain> {
         since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         by: by.to_string(),
     };
-    let path = state_file(root);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut bytes = serde_json::to_vec_pretty(&record)?;
-    bytes.push(b'\n');
-    fsutil::replace_file_atomically(&path, &bytes, 0o600)
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::system::state_file::write(&state_file(root), &record)?;
     Ok(record)
 }
 

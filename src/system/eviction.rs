@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::fsutil;
 use crate::paths::Root;
 
 /// Beside the drain record (systemd `StateDirectory=executor-agent`): it survives a reboot.
@@ -33,15 +32,7 @@ fn path(root: &Root) -> PathBuf {
 /// The last self-eviction, if the node has not been ready since. An unreadable record counts
 /// as one: never risk a loop.
 pub fn recorded(root: &Root) -> Result<Option<Record>> {
-    let path = path(root);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a self-eviction record", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    crate::system::state_file::read(&path(root), "a self-eviction record")
 }
 
 /// Written before acting: the record must be there when the node comes back.
@@ -51,14 +42,7 @@ pub fn record(root: &Root, reason: &str, action: &str) -> Result<Record> {
         reason: reason.to_string(),
         action: action.to_string(),
     };
-    let path = path(root);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut bytes = serde_json::to_vec_pretty(&record)?;
-    bytes.push(b'\n');
-    fsutil::replace_file_atomically(&path, &bytes, 0o600)
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::system::state_file::write(&path(root), &record)?;
     Ok(record)
 }
 
