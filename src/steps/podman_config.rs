@@ -17,6 +17,7 @@
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
 use std::io;
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 
 use super::{CheckSpec, Context, Inspection, Spec};
@@ -342,7 +343,18 @@ fn see_docker_link(cx: &Context, seen: &mut Seen) {
                 false
             }
             Some(Err(_)) => {
-                seen.problems.push(format!("{DOCKER_SOCK} exists and is not a link to {target}; left alone"));
+                let is_socket =
+                    std::fs::symlink_metadata(DOCKER_SOCK).is_ok_and(|m| m.file_type().is_socket());
+                seen.problems.push(if is_socket {
+                    // FCOS's docker.socket listens there for a rootful dockerd.
+                    format!(
+                        "{DOCKER_SOCK} is a socket, not a link to {target} (FCOS's rootful \
+                         docker.socket listens there; [runner_privileges] mask_docker = true masks it \
+                         and removes the socket); left alone"
+                    )
+                } else {
+                    format!("{DOCKER_SOCK} exists and is not a link to {target}; left alone")
+                });
                 false
             }
         };

@@ -854,6 +854,23 @@ pub async fn mask_over_bus(
         systemd::stop(&manager, unit, timeout).await?;
         changes.push(format!("stopped {unit}"));
     }
+    let sock = crate::podman_conf::DOCKER_SOCK;
+    let is_socket = std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket());
+    if plan.mask.iter().any(|u| u == "docker.socket") && is_socket {
+        // systemd leaves a stopped socket unit's file behind (RemoveOnStop=no), and that dead
+        // socket would keep `docker_socket_link` from linking the path to the Podman socket.
+        // /run is read-only in the agent's sandbox: a transient unit removes it (only root can
+        // write /run, so what was checked is what gets removed).
+        let rm = ["/usr/bin/rm", "/bin/rm"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .context("rm is not installed")?;
+        let argv = [rm.to_string(), "-f".into(), "--".into(), sock.into()];
+        crate::user_manager::run_transient(conn, "executor-agent-docker-sock-rm.service", &argv, timeout)
+            .await
+            .with_context(|| format!("removing the dead socket {sock}"))?;
+        changes.push(format!("removed the dead socket {sock}"));
+    }
     Ok(changes)
 }
 

@@ -108,8 +108,16 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
 pub const TEST_HOST_PACKAGES: &[&str] = &["dbus-daemon", "passwd", "systemd"];
 
 /// The packages every node command needs on the host.
-pub const NODE_HOST_PACKAGES: &[&str] =
-    &["debootstrap", "systemd-container", "ignition", "util-linux", "tar", "gzip", "ca-certificates"];
+pub const NODE_HOST_PACKAGES: &[&str] = &[
+    "debootstrap",
+    "systemd-container",
+    "ignition",
+    "util-linux",
+    "tar",
+    "gzip",
+    "ca-certificates",
+    "libcap2-bin",
+];
 
 /// The real Ignition binary shipped by Debian's `ignition` package (the initramfs one).
 pub const IGNITION_BIN: &str = "/usr/lib/dracut/modules.d/30ignition/ignition";

@@ -181,6 +181,10 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if tree::has_fcos_layout(&self.dir) {
+            // ostree's /usr is read-only; what FCOS writes lives under /var.
+            cmd.arg(format!("--bind-ro={}:/usr", self.dir.join("usr").display()));
+        }
         // Its own cgroup, so that nspawn's `payload` (where the node's systemd builds its tree)
         // is the node's alone: see [`own_cgroups`].
         let procs = own_cgroups(&self.name);

@@ -1,6 +1,6 @@
-//! The pristine Debian root file systems that every node is copied from, one per suite
-//! (bookworm, trixie), built with debootstrap and cached side by side under `.node-cache/`, each
-//! keyed by its suite, package list and recipe.
+//! The pristine root file systems that every node is copied from: one per Debian suite
+//! (bookworm, trixie), built with debootstrap, and the FCOS-shaped one made from the trixie tree;
+//! cached side by side under `.node-cache/`, each keyed by its suite, package list and recipe.
 
 use crate::harness::host;
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,32 +9,59 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// A Debian release a node can run.
+/// What a node runs: a Debian release, or Debian 13 in Fedora CoreOS's shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Os {
     /// Debian 12: Podman 4.3, systemd 252, slirp4netns by default.
     Bookworm,
     /// Debian 13: Podman 5.4, systemd 257, pasta by default, netavark on nftables.
     Trixie,
+    /// Debian 13 laid out as FCOS is, for what the layout changes (see [`fcos_layout`]):
+    /// `/home` and `/usr/local` links into `/var`, a read-only `/usr`, core's stock subordinate
+    /// range, newuidmap with file capabilities, a rootful `docker.socket`, no perl or python.
+    FcosLike,
 }
 
 impl Os {
-    pub const ALL: &'static [Os] = &[Os::Bookworm, Os::Trixie];
+    /// Every kind of node, in the order the suites run them.
+    pub const ALL: &'static [Os] = &[Os::Bookworm, Os::Trixie, Os::FcosLike];
+    /// The Debian releases: what the fault cases run on by default.
+    pub const DEBIAN: &'static [Os] = &[Os::Bookworm, Os::Trixie];
 
-    /// The suite's code name, as debootstrap and the PASS/FAIL lines write it.
+    /// As the PASS/FAIL lines and node names write it.
     pub fn name(self) -> &'static str {
         match self {
             Os::Bookworm => "bookworm",
             Os::Trixie => "trixie",
+            Os::FcosLike => "fcos-like",
         }
     }
 
-    /// `bookworm`/`debian12`/`12` or `trixie`/`debian13`/`13` (any case).
+    /// The Debian suite its packages come from (debootstrap's argument).
+    pub fn suite(self) -> &'static str {
+        match self {
+            Os::Bookworm => "bookworm",
+            Os::Trixie | Os::FcosLike => "trixie",
+        }
+    }
+
+    /// The tree this one is made from, when it is not debootstrapped itself.
+    pub fn base(self) -> Option<Os> {
+        match self {
+            Os::FcosLike => Some(Os::Trixie),
+            Os::Bookworm | Os::Trixie => None,
+        }
+    }
+
+    /// `bookworm`/`debian12`/`12`, `trixie`/`debian13`/`13` or `fcos-like`/`fcos` (any case).
     pub fn parse(text: &str) -> Result<Os> {
         match text.to_ascii_lowercase().as_str() {
             "bookworm" | "debian12" | "debian-12" | "12" => Ok(Os::Bookworm),
             "trixie" | "debian13" | "debian-13" | "13" => Ok(Os::Trixie),
-            _ => Err(anyhow!("unknown OS {text:?}: bookworm (debian12, 12) or trixie (debian13, 13)")),
+            "fcos-like" | "fcos" => Ok(Os::FcosLike),
+            _ => Err(anyhow!(
+                "unknown OS {text:?}: bookworm (debian12, 12), trixie (debian13, 13) or fcos-like (fcos)"
+            )),
         }
     }
 
@@ -56,10 +83,16 @@ impl Os {
     /// What a node of this OS needs besides minbase (see shared/notes/test-environments.md).
     pub fn packages(self) -> Vec<&'static str> {
         let mut list = PACKAGES.to_vec();
-        if self == Os::Trixie {
+        if self.suite() == "trixie" {
             // netavark on Debian 13 drives nftables: without `nft` every container start on a
             // network fails ("netavark (exit code 1): nftables error: unable to execute nft").
             list.push("nftables");
+        }
+        if self == Os::FcosLike {
+            // FCOS ships Moby (`moby-engine`) with a rootful docker.socket enabled: Debian's
+            // docker.io is the same daemon, docker-cli (a package of its own since Debian 13)
+            // the same /usr/bin/docker.
+            list.extend(["docker.io", "docker-cli"]);
         }
         list
     }
@@ -99,6 +132,8 @@ const PACKAGES: &[&str] = &[
 
 /// Bump when the customisation below changes, so cached trees are rebuilt.
 const RECIPE: &str = "executor-agent node tree v3";
+/// Bump when [`fcos_layout`] changes (the FCOS-shaped tree's key adds it to [`RECIPE`]).
+const FCOS_RECIPE: &str = "fcos layout v1";
 
 /// The suite the host's apt sources name: the mirror is taken from its stanza (the build
 /// machine is Debian 12), and the same mirror serves every suite.
@@ -125,6 +160,9 @@ fn key(os: Os) -> String {
     h.update(os.packages().join(","));
     h.update("\n");
     h.update(RECIPE);
+    if os == Os::FcosLike {
+        h.update(FCOS_RECIPE);
+    }
     h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -148,25 +186,38 @@ pub fn ensure(os: Os) -> Result<PathBuf> {
             .with_context(|| format!("cannot remove the incomplete tree {}", dir.display()))?;
     }
     let started = Instant::now();
-    build(os, &dir).with_context(|| format!("building the {os} node tree in {} failed", dir.display()))?;
+    match os.base() {
+        None => build(os, &dir),
+        Some(base) => derive(os, &ensure(base)?, &dir),
+    }
+    .with_context(|| format!("building the {os} node tree in {} failed", dir.display()))?;
     host::write(&done, format!("{RECIPE}\n{}\n{}\n", os.name(), os.packages().join(" ")))?;
     eprintln!("==> {os} node tree built in {:.1} s: {}", started.elapsed().as_secs_f64(), dir.display());
     Ok(dir)
 }
 
-/// The pristine trees of `oses`, built side by side (debootstrap mostly waits on the network
-/// and dpkg), in the order asked.
+/// The pristine trees of `oses`, in the order asked: the debootstrapped ones side by side
+/// (debootstrap mostly waits on the network and dpkg), then those made from them.
 pub fn ensure_all(oses: &[Os]) -> Result<Vec<(Os, PathBuf)>> {
-    std::thread::scope(|s| {
-        let builds: Vec<_> = oses.iter().map(|&os| (os, s.spawn(move || ensure(os)))).collect();
+    let mut roots: Vec<Os> = oses.iter().map(|os| os.base().unwrap_or(*os)).collect();
+    roots.sort();
+    roots.dedup();
+    let built: Vec<(Os, PathBuf)> = std::thread::scope(|s| {
+        let builds: Vec<_> = roots.iter().map(|&os| (os, s.spawn(move || ensure(os)))).collect();
         builds
             .into_iter()
             .map(|(os, build)| {
                 let tree = build.join().map_err(|_| anyhow!("building the {os} node tree panicked"))??;
                 Ok((os, tree))
             })
-            .collect()
-    })
+            .collect::<Result<_>>()
+    })?;
+    oses.iter()
+        .map(|&os| match built.iter().find(|(b, _)| *b == os) {
+            Some((_, tree)) => Ok((os, tree.clone())),
+            None => Ok((os, ensure(os)?)),
+        })
+        .collect()
 }
 
 /// Before trees were named by suite, the bookworm tree was `tree-<key>`: a finished one with
@@ -252,7 +303,7 @@ fn build(os: Os, dir: &Path) -> Result<()> {
         "debootstrap",
         ["--variant=minbase".to_string(), format!("--include={}", os.packages().join(","))],
     )
-    .arg(os.name())
+    .arg(os.suite())
     .arg(dir)
     .arg(&mirror)
     .stdin(std::process::Stdio::null())
@@ -270,6 +321,125 @@ fn build(os: Os, dir: &Path) -> Result<()> {
         );
     }
     customise(os, dir)
+}
+
+/// A tree made from `base`: a copy with the extra packages of `os`, then its layout.
+fn derive(os: Os, base: &Path, dir: &Path) -> Result<()> {
+    eprintln!(
+        "==> {os} node tree: a copy of {} with {} (about a minute)",
+        base.display(),
+        extra_packages(os).join(" ")
+    );
+    host::run(host::cmd("cp", ["-a", "--reflink=auto"]).arg(base).arg(dir))
+        .context("copying the base tree")?;
+    let root = dir.to_str().context("the tree's path is not UTF-8")?;
+    // No daemon starts in the chroot (dpkg's maintainer scripts ask policy-rc.d).
+    let policy = dir.join("usr/sbin/policy-rc.d");
+    host::write(&policy, "#!/bin/sh\nexit 101\n")?;
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
+    let log = cache_dir().join(format!("apt-{os}.log"));
+    let script = format!(
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {} \
+         && apt-get clean",
+        extra_packages(os).join(" ")
+    );
+    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let status = host::cmd("chroot", [root, "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .status()
+        .context("cannot start chroot")?;
+    if !status.success() {
+        bail!("installing {} failed ({status}); see {}", extra_packages(os).join(" "), log.display());
+    }
+    std::fs::remove_file(&policy)?;
+    let _ = std::fs::remove_dir_all(dir.join("var/lib/apt/lists"));
+    std::fs::create_dir_all(dir.join("var/lib/apt/lists/partial"))?;
+    match os {
+        Os::FcosLike => fcos_layout(dir),
+        Os::Bookworm | Os::Trixie => Ok(()),
+    }
+}
+
+/// The packages `os` has beyond its base tree's.
+fn extra_packages(os: Os) -> Vec<&'static str> {
+    let base = os.base().map(Os::packages).unwrap_or_default();
+    os.packages().into_iter().filter(|p| !base.contains(p)).collect()
+}
+
+/// What FCOS's subordinate-ID settings are (login.defs of Fedora's shadow-utils), and the range
+/// stock FCOS gives `core` (fedora-coreos-tracker#2056).
+const FCOS_LOGIN_DEFS: &str = "SUB_UID_MIN 524288\nSUB_UID_MAX 600100000\nSUB_UID_COUNT 65536\n\
+                               SUB_GID_MIN 524288\nSUB_GID_MAX 600100000\nSUB_GID_COUNT 65536\n";
+pub const FCOS_CORE_RANGE: &str = "core:524288:65536\n";
+
+/// Whether a tree (pristine or a node's copy) has FCOS's layout: `/usr/local` is a link into
+/// `/var`, which is what lets `/usr` be read-only.
+pub fn has_fcos_layout(dir: &Path) -> bool {
+    dir.join("usr/local").is_symlink()
+}
+
+/// Fedora CoreOS's shape, as far as the agent can tell it apart (shared/notes/field-facts.md):
+/// the writable places of an ostree system are under /var (`/home`, `/root`, `/opt`, `/srv`,
+/// `/mnt` and `/usr/local` are relative links into it; nspawn mounts `/usr` read-only, see
+/// [`has_fcos_layout`]); core's home is /var/home/core and it already has the stock range;
+/// newuidmap/newgidmap carry file capabilities instead of the setuid bit; the rootful
+/// docker.socket is enabled (docker.service is not); the docker CLI is /usr/bin/docker; there
+/// is no perl or python.
+fn fcos_layout(dir: &Path) -> Result<()> {
+    let root = dir.to_str().context("the tree's path is not UTF-8")?;
+    for (link, target, real) in [
+        ("home", "var/home", "var/home"),
+        ("root", "var/roothome", "var/roothome"),
+        ("opt", "var/opt", "var/opt"),
+        ("srv", "var/srv", "var/srv"),
+        ("mnt", "var/mnt", "var/mnt"),
+        ("usr/local", "../var/usrlocal", "var/usrlocal"),
+    ] {
+        let (link, real) = (dir.join(link), dir.join(real));
+        // Debian has an empty /var/opt of its own; anything else there would be lost.
+        if real.exists() {
+            std::fs::remove_dir(&real)
+                .with_context(|| format!("{} exists and is not empty", real.display()))?;
+        }
+        if link.exists() {
+            std::fs::rename(&link, &real)
+                .with_context(|| format!("moving {} to {}", link.display(), real.display()))?;
+        } else {
+            std::fs::create_dir_all(&real)?;
+        }
+        std::os::unix::fs::symlink(target, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    host::run(host::cmd("chroot", [root, "usermod", "-d", "/var/home/core", "core"]))?;
+    host::write(dir.join("etc/subuid"), FCOS_CORE_RANGE)?;
+    host::write(dir.join("etc/subgid"), FCOS_CORE_RANGE)?;
+    let defs = dir.join("etc/login.defs");
+    let text = host::read_string(&defs)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.trim_start_matches('#').trim_start().starts_with("SUB_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    host::write(&defs, format!("{kept}{FCOS_LOGIN_DEFS}"))?;
+    for (helper, cap) in [("newuidmap", "cap_setuid=ep"), ("newgidmap", "cap_setgid=ep")] {
+        let path = dir.join("usr/bin").join(helper);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        host::run(host::cmd("setcap", [cap.as_ref(), path.as_os_str()]))?;
+    }
+    // The docker CLI the nspawn trees get in /usr/local/bin: FCOS's is Moby's, in /usr/bin.
+    std::fs::remove_file(dir.join("var/usrlocal/bin/docker"))
+        .context("the tree has no /usr/local/bin/docker")?;
+    host::run(host::cmd("systemctl", ["--root", root, "disable", "docker.service", "containerd.service"]))?;
+    host::run(host::cmd("systemctl", ["--root", root, "enable", "docker.socket"]))?;
+    for entry in std::fs::read_dir(dir.join("usr/bin"))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "perl" || name.starts_with("perl5") || name.starts_with("python") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Everything a node needs after debootstrap: the runner user, Podman settings, /dev/net/tun,
@@ -415,6 +585,19 @@ mod tests {
         assert!(trixie.contains(&"nftables"), "netavark on Debian 13 needs nft");
         assert!(bookworm.iter().all(|p| trixie.contains(p)), "trixie lacks a bookworm package");
         assert_eq!(trixie.len(), bookworm.len() + 1);
+    }
+
+    #[test]
+    fn the_fcos_like_tree_is_trixie_plus_moby_and_named_apart() {
+        assert_eq!(Os::parse("fcos").unwrap(), Os::FcosLike);
+        assert_eq!(Os::FcosLike.suite(), "trixie");
+        assert_eq!(Os::FcosLike.base(), Some(Os::Trixie));
+        assert_eq!(extra_packages(Os::FcosLike), ["docker.io", "docker-cli"]);
+        assert_ne!(key(Os::FcosLike), key(Os::Trixie));
+        assert!(belongs_to(&tree_name(Os::FcosLike), Os::FcosLike));
+        assert!(!belongs_to(&tree_name(Os::FcosLike), Os::Trixie));
+        assert!(!belongs_to(&tree_name(Os::Trixie), Os::FcosLike));
+        assert!(!Os::DEBIAN.contains(&Os::FcosLike) && Os::ALL.contains(&Os::FcosLike));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod canary;
+mod fcos_like;
 mod fleet;
 mod hostile;
 mod leave;
@@ -38,6 +39,10 @@ impl Kind for E2e {
         log_lines: 30,
         table: Table { case: 28, figure: 48, value: 10, value_title: "time", rule: 98 },
     };
+
+    fn applies(os: Os, case: &str) -> bool {
+        fcos_like::applies(os, case)
+    }
 }
 
 /// What the scenarios of one OS share (the runner's, with the e2e node helpers below).
@@ -70,17 +75,22 @@ pub fn cmd_e2e(oses: &[Os]) -> Result<()> {
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)]) -> Result<Tally> {
     // E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT (while developing one).
     let only = std::env::var("E2E_ONLY").unwrap_or_default();
-    let all = SCENARIOS
-        .iter()
-        .chain(fleet::scenarios())
-        .chain(canary::scenarios())
-        .chain(hostile::scenarios())
-        .chain(leave::scenarios());
-    let cases: Vec<(String, Scenario)> = all
+    let cases: Vec<(String, Scenario)> = all_scenarios()
         .filter(|(name, _)| name.contains(only.as_str()))
         .map(|(name, scenario)| (name.to_string(), *scenario))
         .collect();
     runner::run(agent, trees, &cases)
+}
+
+/// Every scenario, in the order they run; [`fcos_like::applies`] says which run on which OS.
+fn all_scenarios() -> impl Iterator<Item = &'static (&'static str, Scenario)> {
+    SCENARIOS
+        .iter()
+        .chain(fleet::scenarios())
+        .chain(canary::scenarios())
+        .chain(hostile::scenarios())
+        .chain(leave::scenarios())
+        .chain(fcos_like::scenarios())
 }
 
 impl Suite {
@@ -526,5 +536,17 @@ mod tests {
         assert_eq!(subid_range(&file, "core").unwrap(), (100000, 65536));
         assert!(subid_range(&file, "nobody").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_fcos_like_node_runs_scenarios_that_exist_and_the_debian_nodes_not_its_own() {
+        let names: Vec<&str> = all_scenarios().map(|(name, _)| *name).collect();
+        for name in fcos_like::ALSO_ON_FCOS_LIKE {
+            assert!(names.contains(name), "{name:?} is not a scenario (renamed?)");
+        }
+        let on = |os| names.iter().filter(|n| E2e::applies(os, n)).count();
+        assert_eq!(on(Os::Bookworm), on(Os::Trixie));
+        assert_eq!(on(Os::Bookworm) + on(Os::FcosLike), names.len() + fcos_like::ALSO_ON_FCOS_LIKE.len());
+        assert!(names.iter().filter(|n| n.starts_with("fcos-like: ")).all(|n| !E2e::applies(Os::Trixie, n)));
     }
 }

@@ -59,6 +59,11 @@ pub struct Table {
 /// A suite the runner runs: a marker type whose words the runner prints.
 pub trait Kind {
     const WORDS: Words;
+
+    /// Whether the case labelled `case` runs on `os` (all of them, unless a suite says less).
+    fn applies(_os: Os, _case: &str) -> bool {
+        true
+    }
 }
 
 /// One case of a suite.
@@ -138,7 +143,7 @@ pub fn run<K: Kind>(agent: &Path, trees: &[(Os, PathBuf)], cases: &[(String, Cas
         };
         let mut this = Tally::default();
         let started = Instant::now();
-        for (label, case) in cases {
+        for (label, case) in cases.iter().filter(|(label, _)| K::applies(os, label)) {
             eprintln!("\n==> {} [{os}]: {label}", words.suite);
             let t = Instant::now();
             suite.logs.clear();

@@ -85,7 +85,7 @@ fn firewall_missing(s: &mut Suite) -> Result<()> {
             "mv /usr/sbin/iptables /usr/sbin/iptables.hidden && mv /usr/sbin/ip6tables /usr/sbin/ip6tables.hidden",
             "mv /usr/sbin/iptables.hidden /usr/sbin/iptables && mv /usr/sbin/ip6tables.hidden /usr/sbin/ip6tables",
         ),
-        Os::Trixie => ("mv /usr/sbin/nft /usr/sbin/nft.hidden", "mv /usr/sbin/nft.hidden /usr/sbin/nft"),
+        Os::Trixie | Os::FcosLike => ("mv /usr/sbin/nft /usr/sbin/nft.hidden", "mv /usr/sbin/nft.hidden /usr/sbin/nft"),
     };
     breakage(s, "canary: firewall backend", "network", hide, show).map(drop)
 }

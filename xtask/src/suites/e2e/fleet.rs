@@ -7,7 +7,7 @@
 
 use super::{Scenario, Suite, POLL};
 use crate::harness::node::{self, Node, AGENT_PORT, PODMAN_SOCK};
-use crate::harness::tree;
+use crate::harness::tree::{self, Os};
 use crate::message_ids::NODE_CHANGED;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::os::unix::fs::PermissionsExt as _;
@@ -271,10 +271,14 @@ fn podman_config(s: &mut Suite) -> Result<()> {
     const NAME: &str = "fleet: podman-config";
     const HELPER: &str = "/usr/local/bin/docker-credential-ecr-login";
     let mut node = s.ready_node(NAME)?;
+    // FCOS's rootful docker.socket holds /run/docker.sock until it is masked (see the
+    // fcos-like docker.socket scenario for what the agent says before).
+    let free_docker_sock =
+        if s.os == Os::FcosLike { "[runner_privileges]\nmask_docker = true\n" } else { "" };
     write_drop_in(
         &node,
         &format!(
-            "{FAST_RESYNC}[podman_config]\ndocker_socket_link = true\n\
+            "{FAST_RESYNC}{free_docker_sock}[podman_config]\ndocker_socket_link = true\n\
              [podman_config.cred_helpers]\n\"r.example\" = \"ecr-login\"\n"
         ),
     )?;
@@ -287,9 +291,17 @@ fn podman_config(s: &mut Suite) -> Result<()> {
     eprintln!("    podman-config: {detail}");
     let (ready, json) = node.readyz()?;
     ensure!(!ready, "/readyz is 200 with a missing credential helper: {json}");
-    // The docker.sock link, usable by core.
-    let target = node.run(&["readlink", "-f", "/var/run/docker.sock"])?;
-    ensure!(target.trim() == PODMAN_SOCK, "/var/run/docker.sock resolves to {:?}", target.trim());
+    // The docker.sock link, usable by core (on the fcos-like node a pass after the one that
+    // masked docker.socket).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let target = node.run(&["readlink", "-f", "/var/run/docker.sock"])?;
+        if target.trim() == PODMAN_SOCK {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "/var/run/docker.sock resolves to {:?}", target.trim());
+        std::thread::sleep(POLL);
+    }
     let version =
         node.run_as_core("docker -H unix:///var/run/docker.sock version --format '{{.Server.Version}}'")?;
     ensure!(!version.trim().is_empty(), "docker version answered nothing");
@@ -382,7 +394,7 @@ pub(super) fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::
 }
 
 /// Polls `/readyz` (200 or 503) until check `name` satisfies `want`.
-fn wait_check(
+pub(super) fn wait_check(
     node: &mut Node,
     name: &str,
     want: fn(&serde_json::Value) -> bool,
@@ -457,7 +469,7 @@ fn is_active(node: &mut Node, unit: &str) -> Result<bool> {
     Ok(String::from_utf8_lossy(&out.stdout).trim() == "active")
 }
 
-fn write_drop_in(node: &Node, text: &str) -> Result<()> {
+pub(super) fn write_drop_in(node: &Node, text: &str) -> Result<()> {
     let path = node.path(DROP_IN);
     std::fs::create_dir_all(path.parent().expect("the drop-in has a directory"))?;
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))

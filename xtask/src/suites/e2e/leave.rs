@@ -422,8 +422,24 @@ fn ssh_gate(s: &mut Suite) -> Result<()> {
         nologin.contains("drained (e2e: scale-in)"),
         "/etc/nologin does not give the reason: {nologin:?}"
     );
-    let sshd =
-        node.run(&["journalctl", "--no-pager", "-o", "cat", "-u", "ssh.service", &format!("--since=@{t0}")])?;
+    // sshd-session logs through syslog: under load journald may file the line after the client
+    // has already seen the connection closed.
+    let deadline = Instant::now() + WAIT;
+    let sshd = loop {
+        let sshd = node.run(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            "ssh.service",
+            &format!("--since=@{t0}"),
+        ])?;
+        if sshd.contains("Access denied for user core") || Instant::now() > deadline {
+            break sshd;
+        }
+        std::thread::sleep(POLL);
+    };
     ensure!(
         sshd.contains("Access denied for user core by PAM account configuration"),
         "sshd did not refuse core through PAM (pam_nologin); the client said {client_said:?}; sshd's journal:\n{sshd}"
