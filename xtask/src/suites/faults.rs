@@ -125,6 +125,9 @@ pub fn cmd_faults(oses: &[Os], args: &[&str]) -> Result<()> {
 
 /// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn through the
 /// suite runner, and returns the count (the caller prints the closing line).
+/// The cases about D-Bus and logind, where systemd 252 and 257 differ.
+pub const BUS_CASES: &[&str] = &["dbus-late", "dbus-restart", "logind-restart"];
+
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)], only: &[&str]) -> Result<Tally> {
     host::ensure_packages(&["wrk", "systemd"])?;
     let cases: Vec<(String, Case)> = CASES
@@ -234,6 +237,10 @@ fn bus_service_restart(s: &mut Suite, name: &'static str, unit: &str) -> Result<
     let (d, u) = result.with_context(|| format!("/readyz history:{}", history.text))?;
     s.ms(name, "then linger off: detect (/readyz 503)", d - t1);
     s.ms(name, "then linger off: repaired (/readyz 200)", u - t1);
+    // logind 257 does not take its bus name back after a D-Bus restart; 252 does.
+    let journal = node.run(&["journalctl", "--no-pager", "-o", "cat", "-u", AGENT_UNIT])?;
+    let restarted = journal.contains("restarted systemd-logind.service");
+    s.fig(name, "the agent restarted logind (active, off the bus)", if restarted { "yes" } else { "no" });
     let after = unit_props(&mut node, AGENT_UNIT)?;
     ensure!(after["NRestarts"] == "0", "the agent was restarted: NRestarts={}", after["NRestarts"]);
     ensure!(after["MainPID"] == pid, "the agent's main PID changed: {pid} -> {}", after["MainPID"]);
@@ -1576,6 +1583,13 @@ mod tests {
         assert_eq!((r.requests, r.duration_us, r.read, r.p99_us), (103, 60_000_000, 2, 9000));
         assert_eq!(r.statuses.get("503"), Some(&3));
         assert!(WrkResult::parse("Requests/sec: 1\n").is_err());
+    }
+
+    #[test]
+    fn the_debian_13_bus_cases_are_cases() {
+        for name in BUS_CASES {
+            assert!(CASES.iter().any(|c| c.0 == *name), "{name} is not a case");
+        }
     }
 
     #[test]
