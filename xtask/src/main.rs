@@ -13,7 +13,7 @@ use harness::tree::{self, Os};
 use harness::{host, node};
 use render::ignition;
 use suites::runner::Tally;
-use suites::{bench, cross, e2e, faults, fuzz};
+use suites::{bench, cross, e2e, faults, fuzz, vm};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -40,6 +40,11 @@ commands:
                        names them)
   bench [OPTIONS]      (root) time to ready, probe cost, drift and footprint, each against a
                        baseline in the same run; writes docs/performance.md
+  vm                   (root) one qemu (TCG) boot of a Debian 13 node provisioned by the Ignition
+                       config, on a unified cgroup v2 hierarchy: readiness, cgroup-delegation
+                       (fix_delegation off and on, narrowed and repaired), job --memory/--cpus
+                       limits in the container's cgroup and enforced, the canary (10-12 min on a
+                       busy 2-vCPU build machine)
   cross-test           the aarch64 release build, the unit tests built for aarch64 and run
                        under qemu-user, and the aarch64 binary's --version and config
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
@@ -91,6 +96,7 @@ fn real_main() -> Result<()> {
             faults::cmd_faults(&oses, &cases)
         }
         ["bench", rest @ ..] => bench::cmd_bench(rest),
+        ["vm"] => vm::cmd_vm(),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print!("{USAGE}");
             Ok(())

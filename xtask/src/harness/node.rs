@@ -48,7 +48,7 @@ pub struct Node {
 /// dropped, at the latest when the process exits); `None` when another process holds it. Two
 /// `cargo xtask` processes (a dev node being replaced, a second e2e run cleaning up leftovers)
 /// must never delete or overwrite a copy the other one is still using.
-fn lock_name(name: &str) -> Result<Option<std::fs::File>> {
+pub(crate) fn lock_name(name: &str) -> Result<Option<std::fs::File>> {
     std::fs::create_dir_all(nodes_dir())
         .with_context(|| format!("cannot create {}", nodes_dir().display()))?;
     let path = nodes_dir().join(format!("{name}.lock"));
@@ -771,7 +771,7 @@ pub fn enter_netns(pid: i32) -> Result<()> {
 }
 
 /// Status code and body of an HTTP/1.x response.
-fn parse_http(raw: &[u8]) -> Result<(u16, String)> {
+pub(crate) fn parse_http(raw: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) =
         text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("truncated HTTP response: {text:?}"))?;
