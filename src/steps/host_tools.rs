@@ -121,7 +121,8 @@ pub fn judge_delegation(
                 )),
                 (_, false) => Err((
                     format!(
-                        "{unit} has {present} delegated, missing {}: job limits on {} are silently not enforced",
+                        "{unit} has {present} delegated, missing {}: job containers that set {} limits \
+                         fail to start (crun: controller is not available)",
                         missing.join(" "),
                         missing.join(", ")
                     ),
@@ -318,7 +319,8 @@ mod tests {
         assert!(fixable);
         assert_eq!(
             detail,
-            "user@1000.service has memory pids delegated, missing cpu: job limits on cpu are silently not enforced"
+            "user@1000.service has memory pids delegated, missing cpu: job containers that set cpu limits \
+             fail to start (crun: controller is not available)"
         );
         let (detail, fixable) =
             judge_delegation(Hierarchy::Hybrid, &Ok(String::new()), &Ok(String::new()), 1000).unwrap_err();
