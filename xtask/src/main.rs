@@ -179,8 +179,16 @@ fn cmd_test() -> Result<()> {
             return Err(e.context(format!("cross-test failed (whole log: {})", cross_log.display())));
         }
         let mut tally = Tally::default();
+        // The cgroup v2 VM, as a child `cargo xtask vm` logging to a file, beside the e2e
+        // scenarios: those mostly wait on their nodes, the TCG guest mostly computes.
+        let vm_log = host::target_dir().join("vm.log");
+        eprintln!("==> cargo xtask vm, beside the e2e scenarios (log: {})", vm_log.display());
+        let vm_child = spawn_logged(&["vm"], &vm_log);
         eprintln!("==> cargo xtask e2e --os all");
         let e2e = e2e::run(&agent, &trees);
+        let waited = std::time::Instant::now();
+        let vm = vm_child.and_then(|child| finish_logged(child, &vm_log));
+        eprintln!("==> vm: waited {:.0} s for it after the e2e scenarios", waited.elapsed().as_secs_f64());
         // Every fault case on Debian 12; on Debian 13 the ones where its systemd differs (logind
         // 257 stays off the bus after a D-Bus restart, which the agent repairs): the whole set
         // there would cost CI about 8 more minutes (`cargo xtask faults --os trixie` runs it).
@@ -189,10 +197,6 @@ fn cmd_test() -> Result<()> {
         let faults = faults::run(&agent, &tree_of(Os::Bookworm), &[]);
         eprintln!("==> cargo xtask faults --os trixie {}", faults::BUS_CASES.join(" "));
         let bus_faults = faults::run(&agent, &tree_of(Os::Trixie), faults::BUS_CASES);
-        // Last, alone: the qemu (TCG) guest takes both CPUs for minutes.
-        eprintln!("==> cargo xtask vm");
-        let vm_tree = tree_of(vm::OS).into_iter().next().map(|(_, tree)| tree);
-        let vm = vm_tree.context("no tree for the VM").and_then(|tree| vm::run(&agent, &tree));
         // A suite that could not run at all counts as one failure, so the closing line never
         // says "0 failed" for it.
         for (suite, result) in
@@ -210,9 +214,66 @@ fn cmd_test() -> Result<()> {
     })
 }
 
+/// This xtask with `args` in the background, its stdout and stderr into `log`.
+fn spawn_logged(args: &[&str], log: &std::path::Path) -> Result<std::process::Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    std::process::Command::new(std::env::current_exe().context("cannot find this xtask binary")?)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("cannot start the child xtask")
+}
+
+/// Waits for a [`spawn_logged`] suite, prints its PASS/FAIL lines and report from the log, and
+/// returns its count from the closing `N passed, N failed` line (an error when it has none).
+fn finish_logged(mut child: std::process::Child, log: &std::path::Path) -> Result<Tally> {
+    let status = child.wait().context("waiting for the child xtask")?;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let (shown, tally) = suite_summary(&text);
+    print!("{shown}");
+    tally.with_context(|| format!("it ended ({status}) without its count; whole log: {}", log.display()))
+}
+
+/// From a suite's log: everything from its first PASS/FAIL line on (its live `==>` progress
+/// lines left out) and the count of its closing line.
+fn suite_summary(text: &str) -> (String, Option<Tally>) {
+    let mut shown = String::new();
+    let mut started = false;
+    let mut tally = None;
+    for line in text.lines() {
+        started |= line.starts_with("PASS  [") || line.starts_with("FAIL  [");
+        if started && !line.starts_with("==> ") {
+            shown += line;
+            shown += "\n";
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let [passed, "passed,", failed, "failed"] = words.as_slice() {
+            if let (Ok(passed), Ok(failed)) = (passed.parse(), failed.parse()) {
+                tally = Some(Tally { passed, failed });
+            }
+        }
+    }
+    (shown, tally)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_suites_log_gives_its_lines_and_count() {
+        let log = "==> vm [vm-trixie]: image\n    image: 2 s\nPASS  [vm-trixie] boots (3.0 s)\n\
+                   ==> vm [vm-trixie]: limits\nFAIL  [vm-trixie] limits (1.0 s): no\nos  check\n\
+                   1 passed, 1 failed\nerror: 1 VM check(s) failed\n";
+        let (shown, tally) = suite_summary(log);
+        assert_eq!(tally, Some(Tally { passed: 1, failed: 1 }));
+        assert!(shown.starts_with("PASS  [vm-trixie] boots"), "{shown}");
+        assert!(!shown.contains("==> "), "{shown}");
+        assert!(shown.contains("FAIL  [vm-trixie] limits (1.0 s): no\nos  check\n"), "{shown}");
+        assert_eq!(suite_summary("error: no qemu\n").1, None);
+    }
 
     #[test]
     fn takes_the_os_out_of_the_arguments() {
