@@ -190,13 +190,25 @@ pub fn run<K: Kind>(agent: &Path, trees: &[(Os, PathBuf)], cases: &[(String, Cas
 
 /// The figure table, then the notes (when there are any).
 fn report(words: &Words, figures: &[Figure], notes: &[String]) -> String {
-    let Table { case, figure, value, value_title, rule } = words.table;
+    let rows = figures.iter().map(|f| [f.os.name(), f.case, f.what.as_str(), f.value.as_str()]);
+    table(["os", words.one, "figure", words.table.value_title], &words.table, rows, notes)
+}
+
+/// A figure table laid out by `layout` (rows of where, case, figure, value), then the notes.
+pub fn table<'a>(
+    titles: [&str; 4],
+    layout: &Table,
+    rows: impl Iterator<Item = [&'a str; 4]>,
+    notes: &[String],
+) -> String {
+    let Table { case, figure, value, rule, .. } = *layout;
+    let [where_, case_title, figure_title, value_title] = titles;
     let mut out =
-        format!("\n{:<9} {:<case$} {:<figure$} {:>value$}\n", "os", words.one, "figure", value_title);
+        format!("\n{where_:<9} {case_title:<case$} {figure_title:<figure$} {value_title:>value$}\n");
     out += &"-".repeat(rule);
     out += "\n";
-    for f in figures {
-        out += &format!("{:<9} {:<case$} {:<figure$} {:>value$}\n", f.os.name(), f.case, f.what, f.value);
+    for [at, c, what, v] in rows {
+        out += &format!("{at:<9} {c:<case$} {what:<figure$} {v:>value$}\n");
     }
     if !notes.is_empty() {
         out += "\nnotes:\n";

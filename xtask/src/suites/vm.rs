@@ -4,7 +4,7 @@
 //! `[cgroups] fix_delegation` off and on, narrowed and repaired by the agent's drop-in), a job
 //! container's `--memory`/`--cpus` land in its cgroup and bite, and the canary passes.
 
-use super::runner::{indent, Tally};
+use super::runner::{self, indent, Table, Tally};
 use crate::harness::node;
 use crate::harness::tree::{self, Os};
 use crate::harness::vm::{self, Vm, VM_NAME};
@@ -184,21 +184,12 @@ pub fn run(agent: &Path, pristine: &Path) -> Result<Tally> {
     Ok(tally)
 }
 
-/// The figure table (laid out like the runner's), then the notes.
+/// The figure table (the runner's layout, with the VM's widths), then the notes.
 fn report(figures: &[(&'static str, String, String)], notes: &[String]) -> String {
-    let mut out = format!("\n{:<9} {:<12} {:<64} {:>12}\n", "vm", "check", "figure", "value");
-    out += &"-".repeat(100);
-    out += "\n";
-    for (case, what, value) in figures {
-        out += &format!("{:<9} {:<12} {:<64} {:>12}\n", VM_NAME, case, what, value);
-    }
-    if !notes.is_empty() {
-        out += "\nnotes:\n";
-        for n in notes {
-            out += &format!("  - [{VM_NAME}] {n}\n");
-        }
-    }
-    out
+    const LAYOUT: Table = Table { case: 12, figure: 64, value: 12, value_title: "value", rule: 100 };
+    let rows = figures.iter().map(|(case, what, value)| [VM_NAME, *case, what.as_str(), value.as_str()]);
+    let notes: Vec<String> = notes.iter().map(|n| format!("[{VM_NAME}] {n}")).collect();
+    runner::table(["vm", "check", "figure", LAYOUT.value_title], &LAYOUT, rows, &notes)
 }
 
 // ---- the checks ----
@@ -672,6 +663,20 @@ fn short(cgroup: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_lays_out_its_figures_and_names_the_vm_in_its_notes() {
+        let figures = [("limits", "memory.max".to_string(), "67108864".to_string())];
+        let text = report(&figures, &["slow".to_string()]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], format!("{:<9} {:<12} {:<64} {:>12}", "vm", "check", "figure", "value"));
+        assert_eq!(lines[2].len(), 100);
+        assert_eq!(
+            lines[3],
+            format!("{VM_NAME:<9} {:<12} {:<64} {:>12}", "limits", "memory.max", "67108864")
+        );
+        assert_eq!(&lines[4..], ["", "notes:", &format!("  - [{VM_NAME}] slow")]);
+    }
 
     #[test]
     fn parses_memory_max_and_cpu_max() {
