@@ -80,6 +80,12 @@ pub fn open_regular_nofollow(path: &Path) -> io::Result<Option<File>> {
     Ok(Some(file))
 }
 
+/// True when `path` itself (no link followed) is a Unix socket.
+pub fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
 /// The error for a symlinked path; see [`is_symlink_refusal`].
 pub fn symlink_refused(path: &Path) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, SymlinkRefused(path.to_owned()))

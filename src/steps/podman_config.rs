@@ -17,7 +17,6 @@
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 
 use super::{CheckSpec, Context, Inspection, Spec};
@@ -343,9 +342,7 @@ fn see_docker_link(cx: &Context, seen: &mut Seen) {
                 false
             }
             Some(Err(_)) => {
-                let is_socket =
-                    std::fs::symlink_metadata(DOCKER_SOCK).is_ok_and(|m| m.file_type().is_socket());
-                seen.problems.push(if is_socket {
+                seen.problems.push(if fsutil::is_socket(Path::new(DOCKER_SOCK)) {
                     // FCOS's docker.socket listens there for a rootful dockerd.
                     format!(
                         "{DOCKER_SOCK} is a socket, not a link to {target} (FCOS's rootful \

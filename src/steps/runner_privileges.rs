@@ -855,8 +855,7 @@ pub async fn mask_over_bus(
         changes.push(format!("stopped {unit}"));
     }
     let sock = crate::podman_conf::DOCKER_SOCK;
-    let is_socket = std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket());
-    if plan.mask.iter().any(|u| u == "docker.socket") && is_socket {
+    if plan.mask.iter().any(|u| u == "docker.socket") && crate::fsutil::is_socket(Path::new(sock)) {
         // systemd leaves a stopped socket unit's file behind (RemoveOnStop=no), and that dead
         // socket would keep `docker_socket_link` from linking the path to the Podman socket.
         // /run is read-only in the agent's sandbox: a transient unit removes it (only root can

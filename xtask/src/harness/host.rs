@@ -107,6 +107,45 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
 /// doubles, shadow's useradd for the lock races, systemd-analyze for the unit's exposure.
 pub const TEST_HOST_PACKAGES: &[&str] = &["dbus-daemon", "passwd", "systemd"];
 
+/// Runs a command appending its output to `log`; on failure the error quotes the log's tail.
+pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        bail!(
+            "`{}` failed ({status}); {}:\n{}",
+            show(cmd),
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The ssh client options of a non-interactive session to a throwaway node: no prompt, no
+/// host key kept, only errors printed. Callers add their key, port and timeouts.
+pub const BATCH_SSH_OPTIONS: &[&str] = &[
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+];
+
 /// The packages every node command needs on the host.
 pub const NODE_HOST_PACKAGES: &[&str] = &[
     "debootstrap",

@@ -642,36 +642,14 @@ fn apply_ignition(dir: &Path, ign: &Path, work: &Path) -> Result<()> {
     let mut fetch = host::cmd(host::IGNITION_BIN, ["-platform", "file", "-stage", "fetch-offline"]);
     common(&mut fetch);
     fetch.env("IGNITION_CONFIG_FILE", ign);
-    run_logged(&mut fetch, &log).context("Ignition fetch-offline stage failed")?;
+    host::run_logged(&mut fetch, &log).context("Ignition fetch-offline stage failed")?;
     let mut files = host::cmd(host::IGNITION_BIN, ["-platform", "file", "-stage", "files", "-root"]);
     files.arg(dir);
     common(&mut files);
-    run_logged(&mut files, &log).context("Ignition files stage failed")?;
+    host::run_logged(&mut files, &log).context("Ignition files stage failed")?;
     if made_selinux_config {
         std::fs::remove_file(&selinux_config)?;
         let _ = std::fs::remove_dir(dir.join("etc/selinux"));
-    }
-    Ok(())
-}
-
-/// Runs a command appending its output to `log`; on failure the error quotes the log's tail.
-fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .status()
-        .with_context(|| format!("cannot start `{}`", host::show(cmd)))?;
-    if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(20).collect();
-        bail!(
-            "`{}` failed ({status}); {}:\n{}",
-            host::show(cmd),
-            log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
     }
     Ok(())
 }

@@ -2,13 +2,37 @@
 //! from a thread in the node's network namespace and keeps every answer's time, status and
 //! latency, each change of status or failing checks with its text, and each change between 200,
 //! 503 and no answer with the host CLOCK_MONOTONIC time the answer arrived (comparable with the
-//! journal's `__MONOTONIC_TIMESTAMP`).
+//! journal's `__MONOTONIC_TIMESTAMP`). Also what the suites read out of one `/readyz` answer.
 
 use crate::harness::node::{self, Node, AGENT_PORT};
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Check `name` of a `/readyz` (or `/status`) answer.
+pub fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
+    json["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .cloned()
+        .ok_or_else(|| anyhow!("/readyz lacks check {name}: {json}"))
+}
+
+/// The `canary` check of a `/readyz` answer, which must be a passing required check whose
+/// round reached its service: its detail and the round's time (`... in 0.8 s (...)`).
+pub fn passing_canary(json: &serde_json::Value) -> Result<(String, Option<Duration>)> {
+    let canary = check(json, "canary")?;
+    ensure!(
+        canary["ok"] == true && canary["required"] == true,
+        "canary is not a passing required check: {canary}"
+    );
+    let detail = canary["detail"].as_str().unwrap_or_default().to_string();
+    ensure!(detail.contains("reached its service by alias"), "canary detail: {detail}");
+    let secs =
+        detail.split(" in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|t| t.parse::<f64>().ok());
+    Ok((detail, secs.map(Duration::from_secs_f64)))
+}
 
 /// One answer of the prober: when it was asked, status (None: no answer), how long it took.
 struct Sample {

@@ -3,7 +3,7 @@
 //! cached side by side under `.node-cache/`, each keyed by its suite, package list and recipe.
 
 use crate::harness::host;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -298,28 +298,13 @@ fn build(os: Os, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir.parent().unwrap()).context("cannot create .node-cache")?;
     // Per suite: both trees may be built at the same time.
     let log = cache_dir().join(format!("debootstrap-{os}.log"));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let status = host::cmd(
+    let _ = std::fs::remove_file(&log);
+    let mut debootstrap = host::cmd(
         "debootstrap",
         ["--variant=minbase".to_string(), format!("--include={}", os.packages().join(","))],
-    )
-    .arg(os.suite())
-    .arg(dir)
-    .arg(&mirror)
-    .stdin(std::process::Stdio::null())
-    .stdout(log_file.try_clone()?)
-    .stderr(log_file)
-    .status()
-    .context("cannot start debootstrap")?;
-    if !status.success() {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        bail!(
-            "debootstrap failed ({status}); last lines of {}:\n{}",
-            log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
+    );
+    debootstrap.arg(os.suite()).arg(dir).arg(&mirror);
+    host::run_logged(&mut debootstrap, &log)?;
     customise(os, dir)
 }
 
@@ -332,34 +317,35 @@ fn derive(os: Os, base: &Path, dir: &Path) -> Result<()> {
     );
     host::run(host::cmd("cp", ["-a", "--reflink=auto"]).arg(base).arg(dir))
         .context("copying the base tree")?;
-    let root = dir.to_str().context("the tree's path is not UTF-8")?;
-    // No daemon starts in the chroot (dpkg's maintainer scripts ask policy-rc.d).
-    let policy = dir.join("usr/sbin/policy-rc.d");
-    host::write(&policy, "#!/bin/sh\nexit 101\n")?;
-    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
     let log = cache_dir().join(format!("apt-{os}.log"));
-    let script = format!(
-        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {} \
-         && apt-get clean",
-        extra_packages(os).join(" ")
-    );
-    let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-    let status = host::cmd("chroot", [root, "sh", "-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .status()
-        .context("cannot start chroot")?;
-    if !status.success() {
-        bail!("installing {} failed ({status}); see {}", extra_packages(os).join(" "), log.display());
-    }
-    std::fs::remove_file(&policy)?;
-    let _ = std::fs::remove_dir_all(dir.join("var/lib/apt/lists"));
-    std::fs::create_dir_all(dir.join("var/lib/apt/lists/partial"))?;
+    let _ = std::fs::remove_file(&log);
+    install_packages(dir, &extra_packages(os), &log)?;
     match os {
         Os::FcosLike => fcos_layout(dir),
         Os::Bookworm | Os::Trixie => Ok(()),
     }
+}
+
+/// Installs `packages` into the tree `dir` with its own apt (output appended to `log`), starting
+/// no daemon (dpkg's maintainer scripts ask policy-rc.d), and leaves no downloads or lists.
+pub fn install_packages(dir: &Path, packages: &[&str], log: &Path) -> Result<()> {
+    let chroot = |args: &[&str]| {
+        let mut c = host::cmd("chroot", [dir.as_os_str()]);
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    let policy = dir.join("usr/sbin/policy-rc.d");
+    host::write(&policy, "#!/bin/sh\nexit 101\n")?;
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
+    host::run_logged(&mut chroot(&["apt-get", "update", "-q"]), log)?;
+    let mut install = chroot(&["apt-get", "install", "-y", "-q", "--no-install-recommends"]);
+    install.args(packages);
+    host::run_logged(&mut install, log).with_context(|| format!("installing {}", packages.join(" ")))?;
+    host::run_logged(&mut chroot(&["apt-get", "clean"]), log)?;
+    std::fs::remove_file(&policy)?;
+    let _ = std::fs::remove_dir_all(dir.join("var/lib/apt/lists"));
+    std::fs::create_dir_all(dir.join("var/lib/apt/lists/partial"))?;
+    Ok(())
 }
 
 /// The packages `os` has beyond its base tree's.

@@ -237,23 +237,7 @@ pub fn ensure_kernel_tree(pristine: &Path) -> Result<(PathBuf, Option<Duration>)
 }
 
 fn install_kernel(dir: &Path, log: &Path) -> Result<()> {
-    let chroot = |args: &[&str]| {
-        let mut c = host::cmd("chroot", [dir.as_os_str()]);
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        c
-    };
-    // No init runs in the chroot: postinst scripts must not try to start udev.
-    let policy = dir.join("usr/sbin/policy-rc.d");
-    host::write(&policy, "#!/bin/sh\nexit 101\n")?;
-    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
-    run_logged(&mut chroot(&["apt-get", "update", "-q"]), log)?;
-    let mut install = chroot(&["apt-get", "install", "-y", "-q", "--no-install-recommends"]);
-    install.args(KERNEL_PACKAGES);
-    run_logged(&mut install, log)?;
-    run_logged(&mut chroot(&["apt-get", "clean"]), log)?;
-    std::fs::remove_file(&policy)?;
-    let _ = std::fs::remove_dir_all(dir.join("var/lib/apt/lists"));
-    std::fs::create_dir_all(dir.join("var/lib/apt/lists/partial"))?;
+    tree::install_packages(dir, KERNEL_PACKAGES, log)?;
     boot_files(dir)?;
     // The nspawn nodes have a private network with only loopback; the VM needs an address
     // for the forwarded SSH port (a static one: no DHCP wait under TCG).
@@ -262,21 +246,6 @@ fn install_kernel(dir: &Path, log: &Path) -> Result<()> {
         "systemctl",
         ["--root".as_ref(), dir.as_os_str(), "enable".as_ref(), "systemd-networkd.service".as_ref()],
     ))?;
-    Ok(())
-}
-
-/// Runs a command appending its output to `log`; on failure the error quotes the log's tail.
-fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .status()
-        .with_context(|| format!("cannot start `{}`", host::show(cmd)))?;
-    if !status.success() {
-        bail!("`{}` failed ({status}); {}:\n{}", host::show(cmd), log.display(), node::file_tail(log, 20));
-    }
     Ok(())
 }
 
@@ -476,17 +445,10 @@ impl Vm {
         let mut cmd = Command::new("ssh");
         cmd.args(["-i".as_ref(), self.image.key.as_os_str()])
             .args(["-p", &self.port.to_string()])
+            .args(host::BATCH_SSH_OPTIONS)
             .args([
                 "-o",
                 "IdentitiesOnly=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
                 "-o",
                 "ConnectTimeout=10",
                 "-o",

@@ -123,11 +123,11 @@ pub fn cmd_faults(oses: &[Os], args: &[&str]) -> Result<()> {
     run(&agent, &trees, args)?.close("fault case(s)")
 }
 
-/// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn through the
-/// suite runner, and returns the count (the caller prints the closing line).
 /// The cases about D-Bus and logind, where systemd 252 and 257 differ.
 pub const BUS_CASES: &[&str] = &["dbus-late", "dbus-restart", "logind-restart"];
 
+/// Runs the cases named in `only` (all when empty) on each OS of `trees` in turn through the
+/// suite runner, and returns the count (the caller prints the closing line).
 pub fn run(agent: &Path, trees: &[(Os, PathBuf)], only: &[&str]) -> Result<Tally> {
     host::ensure_packages(&["wrk", "systemd"])?;
     let cases: Vec<(String, Case)> = CASES

@@ -191,18 +191,19 @@ pub fn run<K: Kind>(agent: &Path, trees: &[(Os, PathBuf)], cases: &[(String, Cas
 /// The figure table, then the notes (when there are any).
 fn report(words: &Words, figures: &[Figure], notes: &[String]) -> String {
     let rows = figures.iter().map(|f| [f.os.name(), f.case, f.what.as_str(), f.value.as_str()]);
-    table(["os", words.one, "figure", words.table.value_title], &words.table, rows, notes)
+    table(["os", words.one, "figure"], &words.table, rows, notes)
 }
 
-/// A figure table laid out by `layout` (rows of where, case, figure, value), then the notes.
+/// A figure table laid out by `layout` (rows of where, case, figure, value; `titles` of the
+/// first three columns, the value's is the layout's), then the notes.
 pub fn table<'a>(
-    titles: [&str; 4],
+    titles: [&str; 3],
     layout: &Table,
     rows: impl Iterator<Item = [&'a str; 4]>,
     notes: &[String],
 ) -> String {
-    let Table { case, figure, value, rule, .. } = *layout;
-    let [where_, case_title, figure_title, value_title] = titles;
+    let Table { case, figure, value, value_title, rule } = *layout;
+    let [where_, case_title, figure_title] = titles;
     let mut out =
         format!("\n{where_:<9} {case_title:<case$} {figure_title:<figure$} {value_title:>value$}\n");
     out += &"-".repeat(rule);

@@ -6,6 +6,7 @@
 
 use super::runner::{self, indent, Table, Tally};
 use crate::harness::node;
+use crate::harness::probe::{check, passing_canary};
 use crate::harness::tree::{self, Os};
 use crate::harness::vm::{self, Vm, VM_NAME};
 use crate::render::butane::{File, NodeFields, Resource};
@@ -189,7 +190,7 @@ fn report(figures: &[(&'static str, String, String)], notes: &[String]) -> Strin
     const LAYOUT: Table = Table { case: 12, figure: 64, value: 12, value_title: "value", rule: 100 };
     let rows = figures.iter().map(|(case, what, value)| [VM_NAME, *case, what.as_str(), value.as_str()]);
     let notes: Vec<String> = notes.iter().map(|n| format!("[{VM_NAME}] {n}")).collect();
-    runner::table(["vm", "check", "figure", LAYOUT.value_title], &LAYOUT, rows, &notes)
+    runner::table(["vm", "check", "figure"], &LAYOUT, rows, &notes)
 }
 
 // ---- the checks ----
@@ -225,19 +226,10 @@ fn ready_on_cgroup_v2(c: &mut Checks) -> Result<()> {
 
 fn canary_passes(c: &mut Checks) -> Result<()> {
     const CASE: &str = "canary";
-    let json = c.vm.readyz()?.1;
-    let canary = check(&json, "canary")?;
-    ensure!(
-        canary["ok"] == true && canary["required"] == true,
-        "canary is not a passing required check: {canary}"
-    );
-    let detail = canary["detail"].as_str().unwrap_or_default();
-    ensure!(detail.contains("reached its service by alias"), "canary detail: {detail}");
+    let (detail, round) = passing_canary(&c.vm.readyz()?.1)?;
     eprintln!("    canary: {detail}");
-    if let Some(secs) =
-        detail.split(" in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|t| t.parse::<f64>().ok())
-    {
-        c.secs(CASE, "last canary round (TCG)", Duration::from_secs_f64(secs));
+    if let Some(round) = round {
+        c.secs(CASE, "last canary round (TCG)", round);
     }
     Ok(())
 }
@@ -484,14 +476,6 @@ fn fix_on_full_delegation(c: &mut Checks) -> Result<()> {
 // ---- helpers ----
 
 /// A check of a `/readyz` answer by name.
-fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
-    json["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .cloned()
-        .ok_or_else(|| anyhow!("/readyz lacks check {name}: {json}"))
-}
-
 /// `cgroup-delegation` passes and says exactly what `controllers` (user@1000.service's
 /// cgroup.controllers) holds, the needed ones among them.
 fn passing_delegation(json: &serde_json::Value, controllers: &str) -> Result<String> {

@@ -7,6 +7,7 @@
 use super::fleet::{check, get_ok};
 use super::{Scenario, Suite, POLL};
 use crate::harness::node::Node;
+use crate::harness::probe::passing_canary;
 use crate::harness::tree::Os;
 use crate::message_ids::CANARY_FAILED;
 use crate::render::ignition::Extras;
@@ -37,18 +38,10 @@ pub fn scenarios() -> &'static [(&'static str, Scenario)] {
 fn ready_after_a_round(s: &mut Suite) -> Result<()> {
     const NAME: &str = "canary: ready";
     let mut node = s.ready_node(NAME)?;
-    let canary = check(&node.readyz()?.1, "canary")?;
-    ensure!(
-        canary["ok"] == true && canary["required"] == true,
-        "canary is not a passing required check: {canary}"
-    );
-    let detail = canary["detail"].as_str().unwrap_or_default();
-    ensure!(detail.contains("reached its service by alias"), "canary detail: {detail}");
+    let (detail, round) = passing_canary(&node.readyz()?.1)?;
     eprintln!("    canary: {detail}");
-    if let Some(secs) =
-        detail.split(" in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|t| t.parse::<f64>().ok())
-    {
-        s.ms(NAME, "first canary round (image import included)", Duration::from_secs_f64(secs));
+    if let Some(round) = round {
+        s.ms(NAME, "first canary round (image import included)", round);
     }
     // READY=1 came after the round passed: the unit's start job finished no earlier.
     let journal = node.run(&["journalctl", "-o", "short-monotonic", "--no-pager", "-u", "executor-agent"])?;

@@ -385,13 +385,7 @@ fn id_mapping(s: &mut Suite) -> Result<()> {
 // ---- helpers ----
 
 /// A check of a `/readyz` or `/status` answer by name (shared by the e2e child modules).
-pub(super) fn check(json: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
-    json["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .cloned()
-        .ok_or_else(|| anyhow!("/readyz lacks check {name}: {json}"))
-}
+pub(super) use crate::harness::probe::check;
 
 /// Polls `/readyz` (200 or 503) until check `name` satisfies `want`.
 pub(super) fn wait_check(

@@ -9,6 +9,7 @@
 
 use super::fleet::unix_now;
 use super::{Scenario, Suite, POLL};
+use crate::harness::host;
 use crate::harness::node::{self, Node, PODMAN_SOCK};
 use crate::message_ids::NODE_CHANGED;
 use anyhow::{anyhow, ensure, Context, Result};
@@ -337,26 +338,10 @@ fn ssh_setup(node: &mut Node) -> Result<()> {
 /// The client's arguments for a non-interactive session of `user` running `command`, like
 /// the runner's (`exit 0` is its acquire heartbeat).
 fn ssh_argv(user: &str, command: &str) -> Vec<String> {
-    [
-        "ssh",
-        "-i",
-        SSH_KEY,
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "ConnectTimeout=5",
-        "-o",
-        "LogLevel=ERROR",
-        &format!("{user}@127.0.0.1"),
-        command,
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
+    let destination = format!("{user}@127.0.0.1");
+    let head = ["ssh", "-i", SSH_KEY];
+    let tail = ["-o", "ConnectTimeout=5", destination.as_str(), command];
+    head.iter().chain(host::BATCH_SSH_OPTIONS).chain(&tail).map(|a| a.to_string()).collect()
 }
 
 fn ssh(node: &mut Node, user: &str, command: &str) -> Result<std::process::Output> {
