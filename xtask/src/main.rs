@@ -48,7 +48,7 @@ commands:
                        under qemu-user, and the aarch64 binary's --version and config
   test                 (root) everything CI runs: host packages, cargo test, ignition --check,
                        ignition-validate, cross-test, e2e on bookworm, trixie and fcos-like,
-                       faults on bookworm (and the D-Bus ones on trixie), then vm
+                       vm beside the e2e, faults on bookworm (and the D-Bus ones on trixie)
 
 OS: bookworm (debian12, 12), trixie (debian13, 13) or fcos-like (fcos: Debian 13 in Fedora
 CoreOS's layout); e2e and faults also take `all` or a comma list.
